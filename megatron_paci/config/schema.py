@@ -1,0 +1,133 @@
+"""Typed configuration sections.
+
+Every knob a run has lives here, one dataclass per section, so that YAML files,
+command-line overrides and the printed config all speak the same names. Field
+types drive how override strings are parsed (see ``loader.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    ffn_hidden_size: int | None = None  # None -> 4 * hidden_size
+    seq_length: int = 1024
+    max_position_embeddings: int | None = None  # None -> seq_length
+    vocab_size: int | None = None  # None -> taken from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    position_embedding: str = "learned"  # learned | rope
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layernorm_epsilon: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    # Dataset prefixes (``PREFIX.bin``/``PREFIX.idx``), optionally weighted:
+    # ``[0.7, a, 0.3, b]``.
+    path: list[Any] = field(default_factory=list)
+    tokenizer: str = ""  # a sentencepiece .model path, or "null:N"
+    split: str = "969,30,1"
+    cache_dir: str | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1000
+    micro_batch_size: int = 4
+    global_batch_size: int = 32
+    seed: int = 1234
+    eval_interval: int = 100
+    eval_iters: int = 10
+    precision: str = "auto"  # auto | fp32 | bf16 (bf16 autocast needs CUDA)
+    device: str = "auto"  # auto | cpu | cuda
+    exit_interval: int = 0  # stop (after a checkpoint) once iteration % this == 0; 0 = off
+    sample_prompt: str = ""  # text generated from at the end of training
+    sample_tokens: int = 0  # 0 = no sample
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None -> train.iters
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    timeout_s: float = 600.0
+
+
+@dataclass
+class PipelineConfig:
+    schedule: str = "1f1b_flush"  # 1f1b_flush | pipedream_2bw | paci
+    layers_per_stage: list[int] | None = None
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"  # auto | triton | torch | apex
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0 -> only at the end of training
+    save_at_end: bool = True
+    keep_last: int = 0  # 0 keeps every checkpoint
+    load: bool = True  # resume from run.dir/checkpoints when one exists
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: bool = False
+    wandb_project: str = "megatron_paci"
+    tensorboard: bool = False
+    plot: bool = True  # loss curve PNG in the run directory at the end
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config))

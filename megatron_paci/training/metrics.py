@@ -1,0 +1,115 @@
+"""Where numbers go: the Megatron log line, ``metrics.jsonl``, wandb, TensorBoard.
+
+Only the logging rank writes. ``metrics.jsonl`` is the run directory's contract
+(one JSON object per logged iteration, at least iteration/loss/lr/tokens/
+elapsed_s); it is appended to, so a resumed run continues the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from megatron_paci.config.schema import Config
+
+
+def format_log_line(row: dict[str, Any], total_iters: int) -> str:
+    """One line in the shape Megatron users grep for."""
+    parts = [
+        f" iteration {row['iteration']:8d}/{total_iters:8d}",
+        f"consumed samples: {row['consumed_samples']:12d}",
+        f"elapsed time per iteration (ms): {row['ms_per_iter']:.1f}",
+        f"throughput (tokens/s): {row['tokens_per_s']:.0f}",
+        f"TFLOP/s: {row['tflops']:.3f}",
+        f"learning rate: {row['lr']:.6E}",
+        f"global batch size: {row['global_batch_size']:5d}",
+        f"lm loss: {row['loss']:.6E}",
+        f"grad norm: {row['grad_norm']:.3f}",
+        f"number of skipped iterations: {row['skipped_iters']:3d}",
+    ]
+    return " | ".join(parts) + " |"
+
+
+def format_eval_line(iteration: int, loss: float) -> str:
+    ppl = math.exp(min(loss, 20.0))
+    text = f" validation loss at iteration {iteration} | lm loss: {loss:.6E} | lm PPL: {ppl:.6E} "
+    bar = "-" * len(text)
+    return f"{bar}\n{text}\n{bar}"
+
+
+class MetricsWriter:
+    def __init__(self, cfg: Config, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(cfg.run.dir, "metrics.jsonl")
+        self._wandb = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        if cfg.logging.wandb:
+            self._wandb = _start_wandb(cfg)
+        if cfg.logging.tensorboard:
+            self._tb = _start_tensorboard(cfg)
+
+    def log(self, row: dict[str, Any], total_iters: int | None = None) -> None:
+        """Append a row; print the Megatron line for training rows."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if total_iters is not None:
+            print(format_log_line(row, total_iters), flush=True)
+        step = row["iteration"]
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _start_wandb(cfg: Config):
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(
+            "logging.wandb=true but wandb is not installed (pip install wandb)"
+        ) from None
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode == "offline":
+        print("wandb: no WANDB_API_KEY set, logging offline to", cfg.run.dir, file=sys.stderr)
+    return wandb.init(
+        project=cfg.logging.wandb_project,
+        name=cfg.run.name or os.path.basename(os.path.abspath(cfg.run.dir)),
+        dir=cfg.run.dir,
+        config=cfg.to_dict(),
+        mode=mode,
+        resume="allow",
+    )
+
+
+def _start_tensorboard(cfg: Config):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RuntimeError(
+            "logging.tensorboard=true but tensorboard is not installed (pip install tensorboard)"
+        ) from None
+    return SummaryWriter(log_dir=os.path.join(cfg.run.dir, "tensorboard"))
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,120 @@
+import textwrap
+
+import pytest
+
+from megatron_paci.config import ConfigError, load_config
+from megatron_paci.config.__main__ import main as config_main
+from megatron_paci.config.loader import all_keys, coerce
+
+REQUIRED_KEYS = [
+    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
+    "model.dropout", "data.path", "data.tokenizer", "train.iters", "train.micro_batch_size",
+    "train.global_batch_size", "train.seed", "optim.lr", "parallel.tensor",
+    "parallel.pipeline", "pipeline.schedule", "checkpoint.interval", "run.dir",
+]
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def test_required_keys_exist():
+    keys = set(all_keys())
+    assert [k for k in REQUIRED_KEYS if k not in keys] == []
+
+
+def test_inheritance_and_override_order(tmp_path):
+    write(tmp_path, "base.yaml", """
+        model: {num_layers: 6, hidden_size: 64, num_attention_heads: 4}
+        optim: {lr: 0.1}
+    """)
+    child = write(tmp_path, "child.yaml", """
+        inherit: base.yaml
+        model: {num_layers: 2}
+    """)
+    cfg = load_config(child, ["optim.lr=3e-4", "model.hidden_size=32"])
+    assert cfg.model.num_layers == 2  # child over base
+    assert cfg.model.num_attention_heads == 4  # kept from base
+    assert cfg.optim.lr == pytest.approx(3e-4)  # command line over both
+    assert cfg.model.hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    "text,tp,expected",
+    [
+        ("true", bool, True), ("False", bool, False), ("0", bool, False),
+        ("12", int, 12), ("1e3", int, 1000), ("2.5", float, 2.5), ("7", float, 7.0),
+        ("[1,2,3]", list[int], [1, 2, 3]), ("null", int | None, None),
+        ("[0.7, a, 0.3, b]", list, [0.7, "a", 0.3, "b"]), ("x/y", list, ["x/y"]),
+    ],
+)
+def test_values_parsed_by_field_type(text, tp, expected):
+    from typing import Any
+
+    tp = list[Any] if tp is list else tp
+    assert coerce("k", text, tp) == expected
+
+
+def test_weighted_data_path_override():
+    cfg = load_config(None, ["data.path=[0.7,/d/a,0.3,/d/b]"])
+    assert cfg.data.path == [0.7, "/d/a", 0.3, "/d/b"]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.lrr=1", "did you mean optim.lr"),
+        ("train.lr=1", "optim.lr"),
+        ("modle.num_layers=2", "model.num_layers"),
+    ],
+)
+def test_unknown_key_names_closest(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(e.value) and needle in str(e.value)
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    path = write(tmp_path, "bad.yaml", "train: {itres: 3}\n")
+    with pytest.raises(ConfigError, match=r"train\.itres.*bad\.yaml.*train\.iters"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.lr=fast", "optim.lr"),
+        ("train.iters=1.5", "train.iters"),
+        ("model.tie_embeddings=maybe", "model.tie_embeddings"),
+        ("pipeline.schedule=gpipe", "1f1b_flush, pipedream_2bw, paci"),
+        ("model.hidden_size=100", "num_attention_heads"),
+        ("train.global_batch_size=10", "micro_batch_size"),
+        ("model.max_position_embeddings=64", "seq_length"),
+        ("notakey", "section.key=value"),
+    ],
+)
+def test_bad_values_fail_with_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_missing_file_and_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    a = write(tmp_path, "a.yaml", "inherit: b.yaml\n")
+    write(tmp_path, "b.yaml", "inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+
+
+def test_print_command(capsys):
+    assert config_main(["--config", "configs/tiny.yaml", "model.num_layers=3", "--print"]) == 0
+    out = capsys.readouterr().out
+    import yaml
+
+    printed = yaml.safe_load(out)
+    assert printed["model"]["num_layers"] == 3
+    assert printed["logging"]["interval"] == 1  # tiny logs every iteration
+    assert config_main(["optim.nope=1"]) == 2
