@@ -1,0 +1,1 @@
+"""Small dependency-free helpers (raster canvas, PNG plots) shared across the framework."""
