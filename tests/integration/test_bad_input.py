@@ -1,0 +1,71 @@
+"""Bad launches stop with one message naming the file or key, before training starts."""
+
+import os
+import shutil
+
+import pytest
+from conftest import run_cli, tiny_overrides
+
+
+def copy_dataset(prefix, dst_dir):
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, os.path.join(dst_dir, "ds" + ext))
+    return os.path.join(dst_dir, "ds")
+
+
+def launch_fails(args, run_dir, *needles):
+    r = run_cli(["pretrain_gpt.py", *args])
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert err and err[-1].startswith("error: "), r.stderr
+    for needle in needles:
+        assert needle in err[-1], (needle, err[-1])
+    assert "iteration " not in r.stdout  # no training line was printed
+    assert not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))
+    return err[-1]
+
+
+def test_unknown_key(text_dataset, tmp_path):
+    prefix, tok = text_dataset
+    launch_fails([*tiny_overrides(prefix, tok, tmp_path), "optim.learning_rate=1"], tmp_path,
+                 "optim.learning_rate", "optim.lr")
+
+
+def test_missing_data_path(text_dataset, tmp_path):
+    _, tok = text_dataset
+    missing = str(tmp_path / "nope" / "corpus_text_document")
+    launch_fails(tiny_overrides(missing, tok, tmp_path), tmp_path, missing)
+
+
+@pytest.mark.parametrize("damage", ["magic", "short_bin"])
+def test_corrupt_dataset(text_dataset, tmp_path, damage):
+    prefix, tok = text_dataset
+    ds = copy_dataset(prefix, tmp_path)
+    if damage == "magic":
+        with open(ds + ".idx", "r+b") as f:
+            f.write(b"NOTMMIDX\x00")
+        needles = [ds + ".idx", "magic"]
+    else:
+        size = os.path.getsize(ds + ".bin")
+        with open(ds + ".bin", "r+b") as f:
+            f.truncate(size // 2)
+        needles = [ds + ".bin"]
+    launch_fails(tiny_overrides(ds, tok, tmp_path / "run"), tmp_path / "run", *needles)
+
+
+def test_tokenizer_larger_than_model_vocab(text_dataset, tmp_path):
+    prefix, tok = text_dataset
+    launch_fails([*tiny_overrides(prefix, tok, tmp_path), "model.vocab_size=100"], tmp_path,
+                 tok, "512 tokens", "model.vocab_size=100")
+
+
+def test_sequence_longer_than_position_table(text_dataset, tmp_path):
+    prefix, tok = text_dataset
+    launch_fails([*tiny_overrides(prefix, tok, tmp_path), "model.max_position_embeddings=16"],
+                 tmp_path, "model.seq_length=32", "model.max_position_embeddings=16")
+
+
+def test_missing_tokenizer(text_dataset, tmp_path):
+    prefix, _ = text_dataset
+    missing = str(tmp_path / "missing.model")
+    launch_fails(tiny_overrides(prefix, missing, tmp_path), tmp_path, missing)
