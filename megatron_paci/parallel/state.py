@@ -42,3 +42,15 @@ def world_from_env() -> tuple[int, int, int]:
 
 def single_process() -> ParallelState:
     return ParallelState()
+
+
+def init_parallel_state(tensor: int, pipeline: int) -> ParallelState:
+    """The layout of this launch; refuses layouts this build cannot run yet."""
+    rank, world, _ = world_from_env()
+    if world == 1 and tensor * pipeline == 1:
+        return single_process()
+    raise ValueError(
+        f"world size {world} with parallel.tensor={tensor} x parallel.pipeline={pipeline}: "
+        "multi-process training is not available in this build yet; launch one process "
+        "with parallel.tensor=1 parallel.pipeline=1"
+    )

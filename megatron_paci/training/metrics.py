@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any
 
+from megatron_paci.config.loader import ConfigError
 from megatron_paci.config.schema import Config
 
 
@@ -81,7 +82,7 @@ def _start_wandb(cfg: Config):
     try:
         import wandb
     except ImportError:
-        raise RuntimeError(
+        raise ConfigError(
             "logging.wandb=true but wandb is not installed (pip install wandb)"
         ) from None
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
@@ -101,7 +102,7 @@ def _start_tensorboard(cfg: Config):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise RuntimeError(
+        raise ConfigError(
             "logging.tensorboard=true but tensorboard is not installed (pip install tensorboard)"
         ) from None
     return SummaryWriter(log_dir=os.path.join(cfg.run.dir, "tensorboard"))

@@ -32,7 +32,7 @@ from megatron_paci.optim.optimizer import (
     set_lr,
 )
 from megatron_paci.parallel.random import capture_rng, restore_rng, seed_everything
-from megatron_paci.parallel.state import ParallelState, single_process
+from megatron_paci.parallel.state import ParallelState, init_parallel_state
 from megatron_paci.training.flops import flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
@@ -81,7 +81,7 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int, tensor_parallel: int) 
 class Trainer:
     def __init__(self, cfg: Config, pstate: ParallelState | None = None):
         self.cfg = cfg
-        self.pstate = pstate or single_process()
+        self.pstate = pstate or init_parallel_state(cfg.parallel.tensor, cfg.parallel.pipeline)
         t = cfg.train
         dp = self.pstate.data_size
         if t.global_batch_size % (t.micro_batch_size * dp):
@@ -304,6 +304,7 @@ class Trainer:
         self.metrics.close()
         if not self.log_enabled:
             return
+        self._print_loss_summary()
         if self.cfg.logging.plot:
             self.plot_losses()
         if self.cfg.train.sample_tokens > 0:
@@ -315,6 +316,15 @@ class Trainer:
             # space when a piece list is decoded on its own.
             text = self.tokenizer.detokenize(out if prompt else out[1:])
             print(f"\n----- sample (prompt: {prompt!r}) -----\n{text}\n-----", flush=True)
+
+    def _print_loss_summary(self) -> None:
+        rows = [r for r in read_metrics(self.cfg.run.dir) if "loss" in r]
+        if len(rows) < 2:
+            return
+        tail = rows[-min(10, len(rows) // 2):]
+        mean_tail = sum(r["loss"] for r in tail) / len(tail)
+        print(f"training loss: {rows[0]['loss']:.3f} at iteration {rows[0]['iteration']} -> "
+              f"{mean_tail:.3f} (mean of the last {len(tail)} logged iterations)", flush=True)
 
     def plot_losses(self) -> str:
         from megatron_paci.utils.plots import line_plot

@@ -69,3 +69,15 @@ def test_missing_tokenizer(text_dataset, tmp_path):
     prefix, _ = text_dataset
     missing = str(tmp_path / "missing.model")
     launch_fails(tiny_overrides(prefix, missing, tmp_path), tmp_path, missing)
+
+
+def test_tensorboard_requested_but_missing(text_dataset, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    prefix, tok = text_dataset
+    launch_fails([*tiny_overrides(prefix, tok, tmp_path), "logging.tensorboard=true"],
+                 tmp_path, "logging.tensorboard=true", "pip install tensorboard")

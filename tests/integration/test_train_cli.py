@@ -63,3 +63,16 @@ def test_resume_equals_uninterrupted_run(text_dataset, tmp_path):
     assert [a[i] for i in a] == [b[i] for i in a]  # exact, not approximate
     r3 = run_cli(cmd)  # a finished run relaunched does nothing
     assert r3.returncode == 0 and "nothing to do" in r3.stdout
+
+
+def test_wandb_offline_without_a_key(text_dataset, tmp_path):
+    prefix, tok = text_dataset
+    run = tmp_path / "run"
+    env = {"WANDB_MODE": None, "WANDB_API_KEY": None, "WANDB_DIR": None}
+    r = run_cli(["pretrain_gpt.py", *tiny_overrides(prefix, tok, run, **{
+        "train.iters": 2, "train.eval_interval": 0, "logging.wandb": "true",
+        "checkpoint.save_at_end": "false"})], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "logging offline" in r.stderr
+    runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
