@@ -1,12 +1,5 @@
 #!/usr/bin/env bash
-# GPT-2 Medium (350M) on one node. Data and tokenizer come from the environment or
-# the config; any section.key=value after the script name overrides the config:
-#   DATA=/data/owt_text_document TOKENIZER=/data/tok.model bash scripts/pretrain_gpt2_medium.sh train.iters=1000
-set -euo pipefail
-cd "$(dirname "$0")/.."
-NPROC=${NPROC:-1}
-DATA=${DATA:?set DATA to a dataset prefix (PREFIX.bin/PREFIX.idx)}
-TOKENIZER=${TOKENIZER:?set TOKENIZER to a sentencepiece .model}
-exec torchrun --standalone --nproc_per_node "$NPROC" pretrain_gpt.py \
-  --config configs/gpt2_medium.yaml \
-  data.path="[$DATA]" data.tokenizer="$TOKENIZER" "$@"
+# GPT-2 Medium (350M) on one node: configs/gpt2_medium.yaml.
+#   DATA=/data/owt_text_document TOKENIZER=/data/tok.model NPROC=1 \
+#     bash scripts/pretrain_gpt2_medium.sh train.iters=1000
+exec bash "$(dirname "$0")/launch.sh" configs/gpt2_medium.yaml "$@"

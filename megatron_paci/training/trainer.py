@@ -121,8 +121,8 @@ class Trainer:
 
     # --- state -------------------------------------------------------------
 
-    def _checkpoint_tensors(self, create_optimizer_state: bool) -> dict[str, Any]:
-        rng_tensors, _ = capture_rng()
+    def _checkpoint_tensors(self, rng_tensors: dict[str, torch.Tensor],
+                            create_optimizer_state: bool) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": optimizer_state_by_name(self.model, self.optimizer,
@@ -131,8 +131,8 @@ class Trainer:
         }
 
     def save(self) -> str:
-        tensors = self._checkpoint_tensors(create_optimizer_state=False)
-        _, rng_scalars = capture_rng()
+        rng_tensors, rng_scalars = capture_rng()
+        tensors = self._checkpoint_tensors(rng_tensors, create_optimizer_state=False)
         meta = {
             "consumed_samples": self.progress.consumed_samples,
             "skipped_iters": self.progress.skipped_iters,
@@ -149,7 +149,8 @@ class Trainer:
         path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.load else None
         if path is None:
             return False
-        tensors = self._checkpoint_tensors(create_optimizer_state=True)
+        # The current RNG tensors serve as correctly shaped targets to load into.
+        tensors = self._checkpoint_tensors(capture_rng()[0], create_optimizer_state=True)
         meta = load_checkpoint(path, tensors)
         self.progress = Progress(meta["iteration"], meta["consumed_samples"],
                                  meta.get("skipped_iters", 0))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Shared launcher behind the per-model-size scripts:
+#   bash scripts/launch.sh CONFIG [section.key=value ...]
+# NPROC processes on this node through torchrun; DATA (a dataset prefix) and
+# TOKENIZER (a sentencepiece .model) override the config's data section when set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:?usage: launch.sh CONFIG [section.key=value ...]}
+shift
+ARGS=()
+[ -n "${DATA:-}" ] && ARGS+=("data.path=[$DATA]")
+[ -n "${TOKENIZER:-}" ] && ARGS+=("data.tokenizer=$TOKENIZER")
+exec torchrun --standalone --nproc_per_node "${NPROC:-1}" pretrain_gpt.py \
+  --config "$CONFIG" "${ARGS[@]}" "$@"
