@@ -1,7 +1,8 @@
 """Pretrain a GPT: ``python pretrain_gpt.py --config configs/tiny.yaml [section.key=value ...]``.
 
-Thin on purpose: config -> build -> train. Relaunching the same command resumes
-from the newest complete checkpoint in ``run.dir/checkpoints``.
+Thin on purpose: config -> layout -> build -> train. Under torchrun (or srun)
+every rank runs this; relaunching the same command resumes from the newest
+complete checkpoint in ``run.dir/checkpoints``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ from __future__ import annotations
 import sys
 
 from megatron_paci.config import ConfigError, format_config, parse_args
+from megatron_paci.parallel.state import (
+    ParallelConfigError,
+    fail_on_all_ranks,
+    initialize,
+    shutdown,
+    world_from_env,
+)
+from megatron_paci.parallel.validate import validate_layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,13 +26,19 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(format_config(cfg))
             return 0
-        from megatron_paci.training.trainer import Trainer
+        validate_layout(cfg, world_from_env()[1])
+    except (ConfigError, ParallelConfigError) as e:
+        fail_on_all_ranks(str(e))
+    pstate = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
+    from megatron_paci.training.trainer import Trainer
 
-        trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg, pstate)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # Bad input is seen identically by every rank; rank 0 reports it.
+        fail_on_all_ranks(str(e))
     trainer.train()
+    shutdown()
     return 0
 
 

@@ -69,6 +69,9 @@ class OptimConfig:
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # None -> train.iters
     lr_decay_style: str = "cosine"  # cosine | linear | constant
+    distributed_optimizer: bool = False  # ZeRO-1: shard fp32 master weights + Adam state over dp
+    overlap_grad_reduce: bool = True  # start each bucket's dp all-reduce as soon as it is ready
+    grad_bucket_mb: float = 160.0  # bucket size for the dp gradient reduction
 
 
 @dataclass

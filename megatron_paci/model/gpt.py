@@ -3,9 +3,9 @@
 Layers are keyed by their global index (``layers.7.attn.qkv.weight``), so a
 stage holding layers 4..7 names its parameters exactly as the full model does:
 checkpoints move between pipeline layouts by name. Each parameter is
-initialised from a generator seeded by (seed, parameter name), so any stage
-split, and later any tensor-parallel split, starts from the weights of the
-one-process model.
+initialised as the FULL tensor from a generator seeded by (seed, parameter
+name), and a tensor-parallel rank keeps its shard of it, so every stage split
+and every tp size starts from the weights of the one-process model.
 """
 
 from __future__ import annotations
@@ -14,15 +14,25 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_paci.config.schema import ModelConfig
 from megatron_paci.model.transformer import (
     OUTPUT_PROJECTIONS,
     RotaryEmbedding,
+    TPContext,
     TransformerLayer,
+    make_layer_norm,
     output_projection_std,
+)
+from megatron_paci.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    parallel_lm_logits,
+    scatter_to_sequence_parallel_region,
+    set_tp_attributes,
+    shard_of,
+    vocab_parallel_cross_entropy,
 )
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -49,21 +59,28 @@ class StageSpec:
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPContext):
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, cfg.hidden_size)
-        self.position_embeddings = (
-            nn.Embedding(cfg.max_position_embeddings or cfg.seq_length, cfg.hidden_size)
-            if cfg.position_embedding == "learned"
-            else None
-        )
+        self.tp = tp
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, cfg.hidden_size, group=tp.group)
+        self.position_embeddings = None
+        if cfg.position_embedding == "learned":
+            self.position_embeddings = nn.Embedding(
+                cfg.max_position_embeddings or cfg.seq_length, cfg.hidden_size)
+            set_tp_attributes(self.position_embeddings.weight, None)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(tokens)
+        """``tokens`` [b, s] -> [s, b, h] (or [s/tp, b, h] with sequence parallelism)."""
+        ids = tokens.t()
+        x = self.word_embeddings(ids)
         if self.position_embeddings is not None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-            x = x + self.position_embeddings(positions)
+            positions = torch.arange(ids.shape[0], device=ids.device)
+            x = x + self.position_embeddings(positions)[:, None, :]
+        if self.tp.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.tp.group)
+            with self.tp.fork_rng():
+                return self.dropout(x)
         return self.dropout(x)
 
 
@@ -74,15 +91,20 @@ class GPTModel(nn.Module):
         vocab_size: int,
         stage: StageSpec | None = None,
         seed: int = 1234,
+        tp: TPContext | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.stage = stage or StageSpec.whole(cfg.num_layers)
-        self.embedding = Embedding(cfg, vocab_size) if self.stage.pre_process else None
+        self.tp = tp or TPContext()
+        if vocab_size % self.tp.size:
+            raise ValueError(f"padded vocabulary {vocab_size} is not divisible by "
+                             f"parallel.tensor={self.tp.size}")
+        self.embedding = Embedding(cfg, vocab_size, self.tp) if self.stage.pre_process else None
         self.layers = nn.ModuleDict(
-            {str(i): TransformerLayer(cfg) for i in range(self.stage.first_layer,
-                                                          self.stage.last_layer)}
+            {str(i): TransformerLayer(cfg, self.tp)
+             for i in range(self.stage.first_layer, self.stage.last_layer)}
         )
         self.rotary = (
             RotaryEmbedding(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
@@ -92,15 +114,20 @@ class GPTModel(nn.Module):
         self.final_norm = None
         self.output_layer = None
         if self.stage.post_process:
-            self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+            self.final_norm = make_layer_norm(cfg, self.tp)
             if not (cfg.tie_embeddings and self.stage.pre_process):
                 # Untied head, or a last stage apart from the embedding: its own copy.
-                self.output_layer = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
+                self.output_layer = ColumnParallelLinear(cfg.hidden_size, vocab_size,
+                                                         bias=False, group=self.tp.group)
         self.reset_parameters(seed)
 
     def reset_parameters(self, seed: int) -> None:
-        """Megatron's init, each tensor from its own (seed, name) generator."""
+        """Megatron's init on the full tensor, from a (seed, name) generator; keep my shard."""
         for name, p in self.named_parameters():
+            dim = getattr(p, "tensor_parallel_dim", None)
+            full_shape = list(p.shape)
+            if dim is not None:
+                full_shape[dim] *= self.tp.size
             with torch.no_grad():
                 if name.endswith("bias"):
                     p.zero_()
@@ -115,8 +142,9 @@ class GPTModel(nn.Module):
                 key = WORD_EMBEDDING if (name == "output_layer.weight"
                                          and self.cfg.tie_embeddings) else name
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-                full = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-                p.copy_(full)
+                full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std,
+                                                                            generator=gen)
+                p.copy_(shard_of(full, dim, self.tp.rank, self.tp.size))
 
     def head_weight(self) -> torch.Tensor:
         if self.output_layer is not None:
@@ -130,10 +158,10 @@ class GPTModel(nn.Module):
         hidden: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """First stage takes ``tokens``, later stages the previous stage's ``hidden``.
+        """First stage takes ``tokens`` [b, s], later stages the previous stage's ``hidden``.
 
-        Returns hidden states on non-last stages, logits on the last stage
-        without ``labels``, and the per-token loss ``[b, s]`` with them.
+        Returns hidden states [s, b, h] on non-last stages, logits [b, s, V/tp] on the
+        last stage without ``labels``, and the per-token loss [b, s] with them.
         """
         if self.stage.pre_process:
             assert tokens is not None, "the first stage needs tokens"
@@ -141,18 +169,20 @@ class GPTModel(nn.Module):
         else:
             assert hidden is not None, "a later stage needs the previous stage's hidden states"
             x = hidden
-        rotary = self.rotary(x.shape[1], x.device) if self.rotary is not None else None
+        rotary = None
+        if self.rotary is not None:
+            seq = x.shape[0] * (self.tp.size if self.tp.sequence_parallel else 1)
+            rotary = self.rotary(seq, x.device)
         for layer in self.layers.values():
             x = layer(x, rotary)
         if not self.stage.post_process:
             return x
         x = self.final_norm(x)
-        logits = F.linear(x, self.head_weight())
+        logits = parallel_lm_logits(x, self.head_weight(), self.tp.group,
+                                    self.tp.sequence_parallel)  # [s, b, V/tp]
         if labels is None:
-            return logits
-        return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-        ).view_as(labels)
+            return logits.transpose(0, 1)
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp.group).t()
 
 
 def count_parameters(model: nn.Module) -> int:

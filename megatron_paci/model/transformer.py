@@ -1,23 +1,48 @@
-"""Pre-LayerNorm transformer block in the Megatron form.
+"""Pre-LayerNorm transformer block in the Megatron form, tensor-parallel aware.
 
-Tensors are ``[batch, seq, hidden]``. The linear layers are plain ``nn.Linear``
-here; tensor parallelism replaces them with column/row-parallel layers of the
-same parameter names, so checkpoints keep one naming scheme.
+Activations are ``[seq, batch, hidden]`` (Megatron's layout: sequence
+parallelism splits dim 0, contiguous). Attention heads and the MLP's inner
+dimension are split across tensor-parallel ranks by column/row-parallel
+linears; with ``group=None`` they are plain linears.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_paci.config.schema import ModelConfig
+from megatron_paci.tensor_parallel import (
+    ColumnParallelLinear,
+    RNGTracker,
+    RowParallelLinear,
+    set_tp_attributes,
+)
 
 
 def ffn_size(cfg: ModelConfig) -> int:
     return cfg.ffn_hidden_size or 4 * cfg.hidden_size
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """What a layer needs to know about tensor parallelism."""
+
+    group: object | None = None
+    size: int = 1
+    rank: int = 0
+    sequence_parallel: bool = False
+    rng: RNGTracker | None = None
+
+    def fork_rng(self):
+        """Dropout inside the tp region draws from a per-tp-rank RNG."""
+        import contextlib
+
+        return self.rng.fork() if self.rng is not None else contextlib.nullcontext()
 
 
 class RotaryEmbedding(nn.Module):
@@ -42,54 +67,88 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def make_layer_norm(cfg: ModelConfig, tp: TPContext) -> nn.LayerNorm:
+    ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+    for p in ln.parameters():
+        # Replicated over tp; under sequence parallelism each rank sees part of
+        # the sequence, so its gradient is partial and must be summed over tp.
+        set_tp_attributes(p, None, sequence_parallel=tp.sequence_parallel)
+    return ln
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
+        if cfg.num_attention_heads % tp.size:
+            raise ValueError(f"model.num_attention_heads={cfg.num_attention_heads} is not "
+                             f"divisible by parallel.tensor={tp.size}")
+        self.tp = tp
+        self.local_heads = cfg.num_attention_heads // tp.size
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.attention_dropout = cfg.attention_dropout
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        # qkv rows are laid out [heads, (q, k, v), head_dim], so a contiguous
+        # column-parallel shard holds whole heads.
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, group=tp.group,
+                                        sequence_parallel=tp.sequence_parallel)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, group=tp.group,
+                                      sequence_parallel=tp.sequence_parallel)
 
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, heads, s, d]
+        qkv = self.qkv(x)  # [s, b, local_heads * 3 * d] (full sequence)
+        s, b, _ = qkv.shape
+        qkv = qkv.view(s, b, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 1, 2, 0, 4)  # each [b, heads, s, d]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
-        return self.proj(out.transpose(1, 2).reshape(b, s, -1))
+        with self.tp.fork_rng():
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True,
+                dropout_p=self.attention_dropout if self.training else 0.0,
+            )
+        out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return self.proj(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, ffn_size(cfg))
-        self.fc2 = nn.Linear(ffn_size(cfg), cfg.hidden_size)
+        if ffn_size(cfg) % tp.size:
+            raise ValueError(f"FFN size {ffn_size(cfg)} is not divisible by "
+                             f"parallel.tensor={tp.size}")
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, ffn_size(cfg), group=tp.group,
+                                        sequence_parallel=tp.sequence_parallel)
+        self.fc2 = RowParallelLinear(ffn_size(cfg), cfg.hidden_size, group=tp.group,
+                                     sequence_parallel=tp.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPContext):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.attn = SelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.mlp = MLP(cfg)
+        self.tp = tp
+        self.ln1 = make_layer_norm(cfg, tp)
+        self.attn = SelfAttention(cfg, tp)
+        self.ln2 = make_layer_norm(cfg, tp)
+        self.mlp = MLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def _residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # With sequence parallelism each tp rank holds different tokens, so the
+        # residual dropout masks must differ per rank; without it they must agree.
+        if self.tp.sequence_parallel:
+            with self.tp.fork_rng():
+                return self.dropout(x)
+        return self.dropout(x)
 
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), rotary))
-        return x + self.dropout(self.mlp(self.ln2(x)))
+        x = x + self._residual_dropout(self.attn(self.ln1(x), rotary))
+        return x + self._residual_dropout(self.mlp(self.ln2(x)))
 
 
 # Parameters whose output feeds the residual stream: Megatron scales their init

@@ -13,18 +13,23 @@ import torch
 from torch import nn
 
 from megatron_paci.config.schema import OptimConfig
+from megatron_paci.optim.distributed_optimizer import DistributedOptimizer
+from megatron_paci.optim.grad_sync import GradBuffer
+from megatron_paci.parallel import comm
+from megatron_paci.parallel.state import ParallelState
 
 
-def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     # Biases and norm gains are not decayed (Megatron's default grouping).
     return p.ndim < 2
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Plain ``torch.optim.AdamW`` over Megatron's decay groups (fused on CUDA)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if _no_weight_decay(name, p) else decay).append(p)
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -39,27 +44,111 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     )
 
 
+def _counted_once(p: torch.Tensor, tensor_rank: int) -> bool:
+    """A tp-replicated parameter's gradient counts in the norm on tp rank 0 only."""
+    return getattr(p, "tensor_parallel_dim", None) is not None or tensor_rank == 0
+
+
+class Optimizer:
+    """The one optimizer path: fp32 ``main_grad`` synced over dp in overlapped
+    buckets, sequence-parallel grads summed over tp, global-norm clipping,
+    then AdamW — plain, or ZeRO-1 sharded over dp (``optim.distributed_optimizer``).
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, pstate: ParallelState):
+        self.cfg = cfg
+        self.pstate = pstate
+        self.model = model
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        self.grad_buffer = GradBuffer(
+            self.named, pstate.data_group, bucket_size_bytes=cfg.grad_bucket_mb * 2**20,
+            overlap=cfg.overlap_grad_reduce, reduce_scatter=cfg.distributed_optimizer,
+        )
+        self.sp_params = [p for p in self.params if getattr(p, "sequence_parallel", False)]
+        self.distributed: DistributedOptimizer | None = None
+        self.adamw: torch.optim.Optimizer | None = None
+        if cfg.distributed_optimizer:
+            self.distributed = DistributedOptimizer(
+                self.named, self.grad_buffer, pstate.data_group, lr=cfg.lr,
+                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                weight_decay=cfg.weight_decay, no_decay=no_weight_decay,
+            )
+            self._norm_weight = self._shard_norm_weights()
+        else:
+            self.adamw = build_adamw(model, cfg)
+
+    def _shard_norm_weights(self) -> torch.Tensor:
+        buf = self.grad_buffer
+        full = torch.zeros(buf.numel, dtype=torch.float32, device=buf.buffer.device)
+        for p in self.params:
+            start, n = buf.param_range[id(p)]
+            full[start:start + n] = float(_counted_once(p, self.pstate.tensor_rank))
+        return torch.cat([full[lo:hi] for lo, hi in self.distributed.ranges])
+
+    def zero_grad(self) -> None:
+        self.grad_buffer.zero_grad()
+
+    def no_sync(self):
+        """Accumulate without communication (every micro-batch but the last)."""
+        return self.grad_buffer.no_sync()
+
+    def _grad_norm(self) -> float:
+        ps = self.pstate
+        if self.distributed is not None:
+            shard = self.distributed.local_grad_shard().double()
+            local = (shard.pow(2) * self._norm_weight.double()).sum()
+            total = local.reshape(1)
+            comm.all_reduce(total, ps.data_group, "dp")
+        else:
+            sq = [p.main_grad.double().pow(2).sum() for p in self.params
+                  if _counted_once(p, ps.tensor_rank)]
+            total = torch.stack(sq).sum().reshape(1) if sq else torch.zeros(1, dtype=torch.float64)
+        comm.all_reduce(total, ps.tensor_group, "tp")
+        comm.all_reduce(total, ps.pipeline_group, "pp")
+        return math.sqrt(total.item())
+
+    def step(self, lr: float) -> tuple[float, bool]:
+        """Finish the gradient sync, clip, update. Returns (grad norm, skipped)."""
+        self.grad_buffer.finish_grad_sync()
+        for p in self.sp_params:
+            comm.all_reduce(p.main_grad, self.pstate.tensor_group, "tp")
+        norm = self._grad_norm()
+        if not math.isfinite(norm):
+            return norm, True
+        scale = 1.0
+        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
+            scale = self.cfg.clip_grad / (norm + 1e-6)
+        if self.distributed is not None:
+            if scale != 1.0:
+                self.distributed.scale_grads(scale)
+            self.distributed.step(lr)
+            return norm, False
+        for p in self.params:
+            if scale != 1.0:
+                p.main_grad.mul_(scale)
+            p.grad = p.main_grad if p.dtype == torch.float32 else p.main_grad.to(p.dtype)
+        set_lr(self.adamw, lr)
+        self.adamw.step()
+        for p in self.params:
+            p.grad = None
+        return norm, False
+
+    def state_by_name(self, create: bool = False) -> dict[str, torch.Tensor]:
+        """Optimizer state keyed by parameter name, the same for both paths."""
+        if self.distributed is not None:
+            return self.distributed.state_by_name()
+        return optimizer_state_by_name(self.model, self.adamw, create=create)
+
+    def load_state_by_name(self, state: dict[str, torch.Tensor]) -> None:
+        """Only needed by the sharded path; the plain path is loaded in place."""
+        if self.distributed is not None:
+            self.distributed.load_state_by_name(state)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def grad_norm(params: list[torch.Tensor]) -> float:
-    """Global L2 norm of the gradients, computed in fp32."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-    ).item()
-
-
-def clip_gradients(params: list[torch.Tensor], max_norm: float, norm: float) -> None:
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
 
 
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")

@@ -1,13 +1,13 @@
 """Seeding and RNG state capture, so a resumed run draws the same dropout masks.
 
-States are returned as tensors (for the checkpoint's tensor store) plus plain
-numbers (for its JSON sidecar): nothing here needs pickle.
+States are captured as tensors only: every rank stores its own under its own
+key in the checkpoint's tensor store, with nothing to pickle.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,27 +19,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
+def capture_rng() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+        state["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    state["numpy_extra"] = torch.tensor([pos, has_gauss, cached], dtype=torch.float64)
     version, py_state, gauss = random.getstate()
-    tensors["python_state"] = torch.tensor(py_state, dtype=torch.int64)
-    scalars = {
-        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
-        "python": [version, gauss],
-    }
-    return tensors, scalars
+    state["python_state"] = torch.tensor(py_state, dtype=torch.int64)
+    state["python_extra"] = torch.tensor(
+        [version, math.nan if gauss is None else gauss], dtype=torch.float64)
+    return state
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(tensors["torch_cuda"]))
-    kind, pos, has_gauss, cached = scalars["numpy"]
-    keys = tensors["numpy_keys"].numpy().astype(np.uint32)
-    np.random.set_state((kind, keys, pos, has_gauss, cached))
-    version, gauss = scalars["python"]
-    random.setstate((version, tuple(int(x) for x in tensors["python_state"].tolist()), gauss))
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["torch_cuda"]))
+    pos, has_gauss, cached = state["numpy_extra"].tolist()
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+    version, gauss = state["python_extra"].tolist()
+    py_state = tuple(int(x) for x in state["python_state"].tolist())
+    random.setstate((int(version), py_state, None if math.isnan(gauss) else gauss))

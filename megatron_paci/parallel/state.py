@@ -1,14 +1,28 @@
-"""Where this process sits in the world (tp x pp x dp).
+"""Where this process sits in the world: tensor x pipeline x data, Megatron's order.
 
-The foundation runs one process; the parallelism issue fills in the groups.
-Everything above this layer asks this object for ranks instead of reading the
-environment itself, so adding groups changes no caller.
+Rank layout (tensor ranks adjacent, so a tensor-parallel group stays inside a
+node, then data, then pipeline outermost)::
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+
+Everything above this layer asks a ``ParallelState`` for ranks and groups
+instead of reading the environment, so a one-process run is just the state
+with every size 1 and every group ``None``.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelConfigError(ValueError):
+    """Sizes that do not divide; raised identically on every rank before any collective."""
 
 
 @dataclass(frozen=True)
@@ -22,12 +36,30 @@ class ParallelState:
     pipeline_size: int = 1
     data_rank: int = 0
     data_size: int = 1
+    tensor_group: object | None = field(default=None, compare=False, repr=False)
+    pipeline_group: object | None = field(default=None, compare=False, repr=False)
+    data_group: object | None = field(default=None, compare=False, repr=False)
+    # First and last pipeline stage of this (tp, dp) position, for tied embeddings.
+    embedding_group: object | None = field(default=None, compare=False, repr=False)
+    pipeline_ranks: tuple[int, ...] = (0,)
 
     @property
     def is_logging_rank(self) -> bool:
         # The loss lives on the last pipeline stage; log from its first tp/dp rank.
         return (self.pipeline_rank == self.pipeline_size - 1 and self.tensor_rank == 0
                 and self.data_rank == 0)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pipeline_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline_rank == self.pipeline_size - 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -44,13 +76,108 @@ def single_process() -> ParallelState:
     return ParallelState()
 
 
-def init_parallel_state(tensor: int, pipeline: int) -> ParallelState:
-    """The layout of this launch; refuses layouts this build cannot run yet."""
-    rank, world, _ = world_from_env()
-    if world == 1 and tensor * pipeline == 1:
+def rank_coordinates(rank: int, tensor: int, data: int) -> tuple[int, int, int]:
+    """(tp_rank, dp_rank, pp_rank) of a global rank."""
+    return rank % tensor, (rank // tensor) % data, rank // (tensor * data)
+
+
+def global_rank(tp_rank: int, dp_rank: int, pp_rank: int, tensor: int, data: int) -> int:
+    return tp_rank + tensor * (dp_rank + data * pp_rank)
+
+
+def layout_table(world: int, tensor: int, pipeline: int) -> list[dict[str, int]]:
+    """Which rank holds what: one row per rank (used by docs and the start-up log)."""
+    data = world // (tensor * pipeline)
+    rows = []
+    for r in range(world):
+        tp, dp, pp = rank_coordinates(r, tensor, data)
+        rows.append({"rank": r, "tp": tp, "dp": dp, "pp": pp})
+    return rows
+
+
+def check_sizes(world: int, tensor: int, pipeline: int) -> int:
+    """Returns the data-parallel size; raises ParallelConfigError naming the sizes."""
+    if tensor < 1 or pipeline < 1:
+        raise ParallelConfigError(
+            f"parallel.tensor={tensor} and parallel.pipeline={pipeline} must be >= 1")
+    if world % (tensor * pipeline):
+        raise ParallelConfigError(
+            f"world size {world} is not divisible by parallel.tensor={tensor} x "
+            f"parallel.pipeline={pipeline} = {tensor * pipeline}")
+    return world // (tensor * pipeline)
+
+
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
+               backend: str | None = None) -> ParallelState:
+    """Initialise the default process group (if needed) and the tp/pp/dp groups.
+
+    Every rank creates every group in the same order, as ``new_group`` requires.
+    """
+    rank, world, local_rank = world_from_env()
+    data = check_sizes(world, tensor, pipeline)
+    if world == 1:
         return single_process()
-    raise ValueError(
-        f"world size {world} with parallel.tensor={tensor} x parallel.pipeline={pipeline}: "
-        "multi-process training is not available in this build yet; launch one process "
-        "with parallel.tensor=1 parallel.pipeline=1"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = backend or _backend()
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    tp_rank, dp_rank, pp_rank = rank_coordinates(rank, tensor, data)
+    groups: dict[str, object] = {}
+    for dp_i in range(data):
+        for pp_i in range(pipeline):
+            ranks = [global_rank(t, dp_i, pp_i, tensor, data) for t in range(tensor)]
+            g = dist.new_group(ranks)
+            if (dp_i, pp_i) == (dp_rank, pp_rank):
+                groups["tensor"] = g
+    for tp_i in range(tensor):
+        for pp_i in range(pipeline):
+            ranks = [global_rank(tp_i, d, pp_i, tensor, data) for d in range(data)]
+            g = dist.new_group(ranks)
+            if (tp_i, pp_i) == (tp_rank, pp_rank):
+                groups["data"] = g
+    pipeline_ranks: tuple[int, ...] = ()
+    for tp_i in range(tensor):
+        for dp_i in range(data):
+            ranks = [global_rank(tp_i, dp_i, p, tensor, data) for p in range(pipeline)]
+            g = dist.new_group(ranks)
+            emb_ranks = sorted({ranks[0], ranks[-1]})
+            e = dist.new_group(emb_ranks)
+            if (tp_i, dp_i) == (tp_rank, dp_rank):
+                groups["pipeline"], groups["embedding"] = g, e
+                pipeline_ranks = tuple(ranks)
+    return ParallelState(
+        rank=rank, world_size=world, local_rank=local_rank,
+        tensor_rank=tp_rank, tensor_size=tensor,
+        pipeline_rank=pp_rank, pipeline_size=pipeline,
+        data_rank=dp_rank, data_size=data,
+        tensor_group=groups["tensor"] if tensor > 1 else None,
+        pipeline_group=groups["pipeline"] if pipeline > 1 else None,
+        data_group=groups["data"] if data > 1 else None,
+        embedding_group=groups["embedding"] if pipeline > 1 else None,
+        pipeline_ranks=pipeline_ranks,
     )
+
+
+def shutdown() -> None:
+    """Leave cleanly: a barrier first avoids gloo aborts at exit (design.md)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def fail_on_all_ranks(message: str, code: int = 2) -> None:
+    """Same error everywhere, printed once: rank 0 speaks, every rank exits."""
+    rank, _, _ = world_from_env()
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -31,6 +31,9 @@ def format_log_line(row: dict[str, Any], total_iters: int) -> str:
         f"grad norm: {row['grad_norm']:.3f}",
         f"number of skipped iterations: {row['skipped_iters']:3d}",
     ]
+    sent = [(k, row.get(f"comm_bytes_{k}", 0)) for k in ("tp", "dp", "pp")]
+    if any(v for _, v in sent):
+        parts.append("sent MB/iter " + " ".join(f"{k}: {v / 2**20:.2f}" for k, v in sent))
     return " | ".join(parts) + " |"
 
 

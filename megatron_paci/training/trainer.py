@@ -17,22 +17,21 @@ from typing import Any
 import torch
 
 from megatron_paci.checkpoint.format import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_paci.checkpoint.sharding import as_global
 from megatron_paci.config.loader import ConfigError, format_config, to_yaml
 from megatron_paci.config.schema import Config
 from megatron_paci.data.gpt_dataset import build_gpt_datasets
 from megatron_paci.data.sampler import build_pretraining_data_loader
 from megatron_paci.data.tokenizer import build_tokenizer
 from megatron_paci.model.gpt import GPTModel, count_parameters, padded_vocab_size
+from megatron_paci.model.transformer import TPContext
 from megatron_paci.optim.lr_schedule import LRSchedule
-from megatron_paci.optim.optimizer import (
-    build_optimizer,
-    clip_gradients,
-    grad_norm,
-    optimizer_state_by_name,
-    set_lr,
-)
+from megatron_paci.optim.optimizer import Optimizer
+from megatron_paci.parallel import comm
 from megatron_paci.parallel.random import capture_rng, restore_rng, seed_everything
-from megatron_paci.parallel.state import ParallelState, init_parallel_state
+from megatron_paci.parallel.state import ParallelState, single_process
+from megatron_paci.parallel.validate import validate_layout
+from megatron_paci.tensor_parallel import model_parallel_seed
 from megatron_paci.training.flops import flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
@@ -81,14 +80,9 @@ def resolve_vocab_size(cfg: Config, tokenizer_vocab: int, tensor_parallel: int) 
 class Trainer:
     def __init__(self, cfg: Config, pstate: ParallelState | None = None):
         self.cfg = cfg
-        self.pstate = pstate or init_parallel_state(cfg.parallel.tensor, cfg.parallel.pipeline)
+        self.pstate = ps = pstate or single_process()
         t = cfg.train
-        dp = self.pstate.data_size
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}"
-            )
+        dp = validate_layout(cfg, ps.world_size)
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
         if not cfg.data.path:
             raise ConfigError("data.path is empty: give one or more dataset prefixes")
@@ -110,9 +104,11 @@ class Trainer:
             raise ConfigError(f"data.split={cfg.data.split} leaves no training data")
 
         seed_everything(t.seed)
-        self.model = GPTModel(cfg.model, self.vocab_size, seed=t.seed).to(self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.rng_tracker = model_parallel_seed(t.seed, ps.tensor_rank, ps.pipeline_rank)
+        tp = TPContext(group=ps.tensor_group, size=ps.tensor_size, rank=ps.tensor_rank,
+                       sequence_parallel=cfg.parallel.sequence_parallel, rng=self.rng_tracker)
+        self.model = GPTModel(cfg.model, self.vocab_size, seed=t.seed, tp=tp).to(self.device)
+        self.optimizer = Optimizer(self.model, cfg.optim, ps)
         self.lr_schedule = LRSchedule(cfg.optim, t.iters)
         self.progress = Progress()
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
@@ -121,24 +117,34 @@ class Trainer:
 
     # --- state -------------------------------------------------------------
 
-    def _checkpoint_tensors(self, rng_tensors: dict[str, torch.Tensor],
-                            create_optimizer_state: bool) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": optimizer_state_by_name(self.model, self.optimizer,
-                                                 create=create_optimizer_state),
-            f"rng_rank{self.pstate.rank}": rng_tensors,
-        }
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = capture_rng()
+        state.update({f"tracker.{k}": v for k, v in self.rng_tracker.get_states().items()})
+        return state
+
+    def _checkpoint_tensors(self, create_optimizer_state: bool) -> dict[str, Any]:
+        """Tensors keyed by parameter name; tp shards described as global DTensors."""
+        dims = {n: getattr(p, "tensor_parallel_dim", None)
+                for n, p in self.model.named_parameters()}
+        model = {n: as_global(t, dims.get(n), self.pstate)
+                 for n, t in self.model.state_dict().items()}
+        optim = {}
+        for key, t in self.optimizer.state_by_name(create=create_optimizer_state).items():
+            name = key.rsplit(".", 1)[0]
+            optim[key] = as_global(t, dims.get(name) if t.ndim else None, self.pstate)
+        return {"model": model, "optimizer": optim,
+                f"rng_rank{self.pstate.rank}": self._rng_state()}
 
     def save(self) -> str:
-        rng_tensors, rng_scalars = capture_rng()
-        tensors = self._checkpoint_tensors(rng_tensors, create_optimizer_state=False)
+        tensors = self._checkpoint_tensors(create_optimizer_state=False)
+        ps = self.pstate
         meta = {
             "consumed_samples": self.progress.consumed_samples,
             "skipped_iters": self.progress.skipped_iters,
             "lr_schedule": self.lr_schedule.state_dict(),
-            "rng": {str(self.pstate.rank): rng_scalars},
             "schedule": self.cfg.pipeline.schedule,
+            "layout": {"world": ps.world_size, "tensor": ps.tensor_size,
+                       "pipeline": ps.pipeline_size, "data": ps.data_size},
         }
         path = save_checkpoint(self.ckpt_root, self.progress.iteration, tensors, meta,
                                to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
@@ -149,13 +155,19 @@ class Trainer:
         path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.load else None
         if path is None:
             return False
-        # The current RNG tensors serve as correctly shaped targets to load into.
-        tensors = self._checkpoint_tensors(capture_rng()[0], create_optimizer_state=True)
+        # Current tensors (and RNG states) serve as correctly shaped targets to load into.
+        tensors = self._checkpoint_tensors(create_optimizer_state=True)
         meta = load_checkpoint(path, tensors)
+        self.optimizer.load_state_by_name(
+            {k: v.to_local() if hasattr(v, "to_local") else v
+             for k, v in tensors["optimizer"].items()})
         self.progress = Progress(meta["iteration"], meta["consumed_samples"],
                                  meta.get("skipped_iters", 0))
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
-        restore_rng(tensors[f"rng_rank{self.pstate.rank}"], meta["rng"][str(self.pstate.rank)])
+        rng = tensors[f"rng_rank{self.pstate.rank}"]
+        restore_rng(rng)
+        self.rng_tracker.set_states({k.removeprefix("tracker."): v for k, v in rng.items()
+                                     if k.startswith("tracker.")})
         self._truncate_metrics(self.progress.iteration)
         self._print(f"resumed from {path} at iteration {self.progress.iteration}, "
                     f"{self.progress.consumed_samples} samples consumed")
@@ -181,24 +193,27 @@ class Trainer:
         with self._autocast():
             return self.model(tokens=tokens[:, :-1], labels=tokens[:, 1:]).mean()
 
+    def _mean_over_dp(self, total: torch.Tensor, count: int) -> float:
+        """Loss for the log: averaged over every micro-batch of every dp rank."""
+        total = total.detach().reshape(1).double()
+        comm.all_reduce(total, self.pstate.data_group, "dp")
+        return total.item() / (count * self.pstate.data_size)
+
     def train_step(self, batches) -> tuple[float, float, bool]:
-        """One global batch: accumulate, clip, step. Returns (loss, grad norm, skipped)."""
+        """One global batch: accumulate, sync, clip, step. Returns (loss, grad norm, skipped)."""
         self.model.train()
-        for p in self.params:
-            p.grad = None
+        self.optimizer.zero_grad()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.num_micro_batches):
-            loss = self._loss(next(batches))
-            (loss / self.num_micro_batches).backward()
+        for i in range(self.num_micro_batches):
+            last = i == self.num_micro_batches - 1
+            with contextlib.nullcontext() if last else self.optimizer.no_sync():
+                loss = self._loss(next(batches))
+                (loss / self.num_micro_batches).backward()
             total += loss.detach()
-        norm = grad_norm(self.params)
-        if not math.isfinite(norm):
-            return total.item() / self.num_micro_batches, norm, True
-        clip_gradients(self.params, self.cfg.optim.clip_grad, norm)
-        set_lr(self.optimizer, self.lr_schedule.lr)
-        self.optimizer.step()
-        self.lr_schedule.step()
-        return total.item() / self.num_micro_batches, norm, False
+        norm, skipped = self.optimizer.step(self.lr_schedule.lr)
+        if not skipped:
+            self.lr_schedule.step()
+        return self._mean_over_dp(total, self.num_micro_batches), norm, skipped
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -210,10 +225,10 @@ class Trainer:
             self.pstate.data_size, self.cfg.data.num_workers,
         )
         batches = iter(loader)
-        losses = [self._loss(next(batches)).item()
-                  for _ in range(self.cfg.train.eval_iters * self.num_micro_batches)]
+        count = self.cfg.train.eval_iters * self.num_micro_batches
+        total = sum(self._loss(next(batches)).detach().double() for _ in range(count))
         self.model.train()
-        return sum(losses) / len(losses)
+        return self._mean_over_dp(total, count)
 
     # --- loop --------------------------------------------------------------
 
@@ -251,12 +266,14 @@ class Trainer:
         window_start = time.perf_counter()
         run_start = window_start
         while self.progress.iteration < t.iters:
+            comm.STATS.reset()
             loss, norm, skipped = self.train_step(batches)
+            comm_bytes = comm.STATS.snapshot()
             p = self.progress
             p.iteration += 1
             p.consumed_samples += t.global_batch_size
             p.skipped_iters += int(skipped)
-            window.append((loss, norm))
+            window.append((loss, norm, comm_bytes))
             if p.iteration % cfg.logging.interval == 0 or p.iteration == t.iters:
                 now = time.perf_counter()
                 per_iter = (now - window_start) / len(window)
@@ -280,7 +297,7 @@ class Trainer:
         row = {
             "iteration": p.iteration,
             "loss": sum(x[0] for x in window) / len(window),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.lr_schedule.lr_at(max(0, self.lr_schedule.num_steps - 1)),
             "tokens": p.consumed_samples * self.cfg.model.seq_length,
             "elapsed_s": round(elapsed, 3),
             "consumed_samples": p.consumed_samples,
@@ -291,6 +308,8 @@ class Trainer:
             "skipped_iters": p.skipped_iters,
             "global_batch_size": self.cfg.train.global_batch_size,
         }
+        for kind in ("tp", "dp", "pp"):
+            row[f"comm_bytes_{kind}"] = sum(x[2].get(kind, 0) for x in window) // len(window)
         self.metrics.log(row, total_iters=self.cfg.train.iters)
 
     def _log_eval(self) -> None:

@@ -79,7 +79,7 @@ def test_stages_compose_to_the_whole_model():
     tokens = torch.randint(0, 64, (2, 16))
     labels = torch.randint(0, 64, (2, 16))
     hidden = first(tokens=tokens)
-    assert hidden.shape == (2, 16, 32)
+    assert hidden.shape == (16, 2, 32)  # [seq, batch, hidden]
     torch.testing.assert_close(last(hidden=hidden, labels=labels),
                                whole(tokens=tokens, labels=labels))
 

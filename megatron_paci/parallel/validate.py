@@ -1,0 +1,51 @@
+"""Layout checks that need both the config and the world size.
+
+Run on every rank before any process group exists: each rank reaches the same
+verdict from the same inputs, so all exit together and none waits in a
+collective for a peer that already left.
+"""
+
+from __future__ import annotations
+
+from megatron_paci.config.schema import Config
+from megatron_paci.parallel.state import ParallelConfigError, check_sizes
+
+
+def validate_layout(cfg: Config, world: int) -> int:
+    """Returns the data-parallel size, or raises ParallelConfigError naming the sizes."""
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+    tp = par.tensor
+    dp = check_sizes(world, tp, par.pipeline)
+    if tp > m.num_attention_heads:
+        raise ParallelConfigError(
+            f"parallel.tensor={tp} is larger than model.num_attention_heads="
+            f"{m.num_attention_heads}: each tensor-parallel rank needs whole heads")
+    if m.num_attention_heads % tp:
+        raise ParallelConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor={tp}")
+    if m.hidden_size % tp:
+        raise ParallelConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by parallel.tensor={tp}")
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    if ffn % tp:
+        raise ParallelConfigError(
+            f"FFN size {ffn} (model.ffn_hidden_size) is not divisible by parallel.tensor={tp}")
+    if par.sequence_parallel and tp == 1:
+        raise ParallelConfigError(
+            "parallel.sequence_parallel=true needs parallel.tensor > 1 (it splits the "
+            "sequence across tensor-parallel ranks)")
+    if par.sequence_parallel and m.seq_length % tp:
+        raise ParallelConfigError(
+            f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={tp}, "
+            "which sequence parallelism needs")
+    if par.pipeline > 1:
+        raise ParallelConfigError(
+            f"parallel.pipeline={par.pipeline}: the pipeline engine is not available in this "
+            "build yet; use parallel.pipeline=1")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ParallelConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
+            f"(world {world} / (tensor {tp} x pipeline {par.pipeline}))")
+    return dp
