@@ -8,6 +8,7 @@ complete checkpoint in ``run.dir/checkpoints``.
 from __future__ import annotations
 
 import sys
+import traceback
 
 from megatron_paci.config import ConfigError, format_config, parse_args
 from megatron_paci.parallel.state import (
@@ -37,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         # Bad input is seen identically by every rank; rank 0 reports it.
         fail_on_all_ranks(str(e))
-    trainer.train()
+    try:
+        trainer.train()
+    except Exception as e:
+        # The traceback above says where; this line says which rank and why, which
+        # is what a reader of 64 interleaved logs needs first.
+        traceback.print_exc()
+        print(f"error: rank {pstate.rank} (tp {pstate.tensor_rank}, dp {pstate.data_rank}, "
+              f"pp {pstate.pipeline_rank}) stopped: {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
+        return 1
     shutdown()
     return 0
 

@@ -70,7 +70,7 @@ def all_gather(t: torch.Tensor, group, kind: str, dim: int = 0) -> torch.Tensor:
     out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
     if dim == 0:
         STATS.add(kind, (n - 1) / n * _nbytes(out))
-        dist.all_gather_into_tensor(out, t, group=group)
+        dist.all_gather_single(out, t, group=group)
         return out
     moved = t.movedim(dim, 0).contiguous()
     return all_gather(moved, group, kind, 0).movedim(0, dim).contiguous()
@@ -84,7 +84,7 @@ def all_gather_into(out: torch.Tensor, t: torch.Tensor, group, kind: str,
         out.copy_(t)
         return None
     STATS.add(kind, (n - 1) / n * _nbytes(out))
-    return dist.all_gather_into_tensor(out, t, group=group, async_op=async_op)
+    return dist.all_gather_single(out, t, group=group, async_op=async_op)
 
 
 def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
@@ -101,7 +101,7 @@ def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
         raise ValueError(f"reduce_scatter: size {t.shape[0]} along dim 0 not divisible by {n}")
     out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
     STATS.add(kind, (n - 1) / n * _nbytes(t))
-    work = dist.reduce_scatter_tensor(out, t, group=group, async_op=async_op)
+    work = dist.reduce_scatter_single(out, t, group=group, async_op=async_op)
     return (out, work) if async_op else out
 
 

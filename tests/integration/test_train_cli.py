@@ -76,3 +76,20 @@ def test_wandb_offline_without_a_key(text_dataset, tmp_path):
     assert "logging offline" in r.stderr
     runs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_torchrun_tensor_and_data_parallel(text_dataset, tmp_path):
+    """The README's torchrun command: 2 processes, tp=2, then dp=2 with ZeRO-1."""
+    prefix, tok = text_dataset
+    for name, extra in (("tp", {"parallel.tensor": 2, "parallel.sequence_parallel": "true"}),
+                        ("dp", {"optim.distributed_optimizer": "true"})):
+        run = tmp_path / name
+        r = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     "pretrain_gpt.py", *tiny_overrides(prefix, tok, run, **{
+                         "train.iters": 3, "train.eval_interval": 0, **extra})])
+        assert r.returncode == 0, r.stderr[-3000:]
+        by_iter, rows = losses(run)
+        assert sorted(by_iter) == [1, 2, 3]
+        key = "comm_bytes_tp" if name == "tp" else "comm_bytes_dp"
+        assert all(row[key] > 0 for row in rows if "loss" in row)
+        assert r.stdout.count(" iteration        3/       3 |") == 1  # one logging rank

@@ -1,0 +1,53 @@
+import pytest
+
+from megatron_paci.config import load_config
+from megatron_paci.parallel.state import (
+    ParallelConfigError,
+    global_rank,
+    rank_coordinates,
+    world_from_env,
+)
+from megatron_paci.parallel.validate import validate_layout
+
+
+def test_world_from_torchrun_and_slurm(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    assert world_from_env() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert world_from_env() == (5, 8, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert world_from_env() == (3, 4, 3)  # torchrun wins over slurm
+
+
+def test_rank_coordinates_round_trip():
+    for r in range(16):
+        tp, dp, pp = rank_coordinates(r, tensor=2, data=4)
+        assert global_rank(tp, dp, pp, 2, 4) == r
+    assert rank_coordinates(5, tensor=2, data=2) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["parallel.tensor=3"], 4, "world size 4 is not divisible by parallel.tensor=3"),
+    (["parallel.tensor=8", "model.num_attention_heads=4", "model.hidden_size=64"], 8,
+     "larger than model.num_attention_heads=4"),
+    (["model.ffn_hidden_size=30", "parallel.tensor=4", "model.num_attention_heads=4",
+      "model.hidden_size=64"], 4, "FFN size 30"),
+    (["parallel.sequence_parallel=true"], 1, "needs parallel.tensor > 1"),
+    (["train.global_batch_size=6", "train.micro_batch_size=2"], 2,
+     "train.global_batch_size=6 is not divisible by train.micro_batch_size=2 x data-parallel"),
+])
+def test_layout_errors_name_the_sizes(overrides, world, needle):
+    with pytest.raises(ParallelConfigError, match=needle.replace("+", r"\+")):
+        validate_layout(load_config(None, overrides), world)
+
+
+def test_data_parallel_size():
+    cfg = load_config(None, ["parallel.tensor=2", "train.global_batch_size=32",
+                             "train.micro_batch_size=4"])
+    assert validate_layout(cfg, 8) == 4
