@@ -24,17 +24,16 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2
 
 
-def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_adamw(named: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torch.optim.Optimizer:
     """Plain ``torch.optim.AdamW`` over Megatron's decay groups (fused on CUDA)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    for name, p in named:
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    on_cuda = any(p.is_cuda for p in model.parameters())
+    on_cuda = any(p.is_cuda for _, p in named)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=cfg.lr,
@@ -55,9 +54,13 @@ class Optimizer:
     then AdamW — plain, or ZeRO-1 sharded over dp (``optim.distributed_optimizer``).
     """
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, pstate: ParallelState):
+    def __init__(self, model: nn.Module, cfg: OptimConfig, pstate: ParallelState,
+                 clip_across_pipeline: bool = True):
         self.cfg = cfg
         self.pstate = pstate
+        # 1F1B-flush clips by the norm over every stage; the asynchronous
+        # schedules clip each stage by its own norm (no cross-stage sync).
+        self.norm_pipeline_group = pstate.pipeline_group if clip_across_pipeline else None
         self.model = model
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
@@ -76,7 +79,11 @@ class Optimizer:
             )
             self._norm_weight = self._shard_norm_weights()
         else:
-            self.adamw = build_adamw(model, cfg)
+            # AdamW updates ``param.data`` aliases, which do not share the
+            # parameter's autograd version counter: a backward still pending
+            # (PACI's live weights) sees the new values instead of failing.
+            self.aliases = [(n, p.data) for n, p in self.named]
+            self.adamw = build_adamw(self.aliases, cfg)
 
     def _shard_norm_weights(self) -> torch.Tensor:
         buf = self.grad_buffer
@@ -105,7 +112,7 @@ class Optimizer:
                   if _counted_once(p, ps.tensor_rank)]
             total = torch.stack(sq).sum().reshape(1) if sq else torch.zeros(1, dtype=torch.float64)
         comm.all_reduce(total, ps.tensor_group, "tp")
-        comm.all_reduce(total, ps.pipeline_group, "pp")
+        comm.all_reduce(total, self.norm_pipeline_group, "pp")
         return math.sqrt(total.item())
 
     def step(self, lr: float) -> tuple[float, bool]:
@@ -124,21 +131,21 @@ class Optimizer:
                 self.distributed.scale_grads(scale)
             self.distributed.step(lr)
             return norm, False
-        for p in self.params:
+        for p, (_, alias) in zip(self.params, self.aliases, strict=True):
             if scale != 1.0:
                 p.main_grad.mul_(scale)
-            p.grad = p.main_grad if p.dtype == torch.float32 else p.main_grad.to(p.dtype)
+            alias.grad = p.main_grad if p.dtype == torch.float32 else p.main_grad.to(p.dtype)
         set_lr(self.adamw, lr)
         self.adamw.step()
-        for p in self.params:
-            p.grad = None
+        for _, alias in self.aliases:
+            alias.grad = None
         return norm, False
 
     def state_by_name(self, create: bool = False) -> dict[str, torch.Tensor]:
         """Optimizer state keyed by parameter name, the same for both paths."""
         if self.distributed is not None:
             return self.distributed.state_by_name()
-        return optimizer_state_by_name(self.model, self.adamw, create=create)
+        return optimizer_state_by_name(self.aliases, self.adamw, create=create)
 
     def load_state_by_name(self, state: dict[str, torch.Tensor]) -> None:
         """Only needed by the sharded path; the plain path is loaded in place."""
@@ -155,7 +162,8 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
 def optimizer_state_by_name(
-    model: nn.Module, optimizer: torch.optim.Optimizer, create: bool = False
+    named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+    create: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``{"<param>.<state key>": tensor}`` aliasing the optimizer's own tensors.
 
@@ -163,9 +171,7 @@ def optimizer_state_by_name(
     checkpoint loader can fill the tensors in place.
     """
     flat: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in named:
         state = optimizer.state[p]
         if create and not state:
             state["step"] = torch.zeros((), dtype=torch.float32)

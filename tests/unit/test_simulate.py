@@ -1,0 +1,209 @@
+"""Simulator checked against analytical results for 1F1B pipelines, plus the PNG and CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from megatron_paci.pipeline.schedules import SCHEDULES, build_schedule, peak_in_flight
+from megatron_paci.pipeline.simulate import (
+    Costs,
+    bubble_fraction,
+    draw,
+    main,
+    peak_in_flight_per_stage,
+    project,
+    simulate,
+    steady_state_bubble,
+    throughput,
+)
+from megatron_paci.utils.canvas import decode_png
+
+UNIT = Costs(forward=1.0, backward=2.0, step=0.0, p2p=0.0)
+
+
+def check_dependencies(tl, costs_of) -> None:
+    """Every event respects its stage's order and the cross-stage F/B/STEP rules."""
+    ends: dict[tuple[int, str, int], tuple[float, float]] = {}
+    last_end = [0.0] * tl.stages
+    for s, a, t0, t1 in sorted(tl.events, key=lambda e: (e[0], e[2])):
+        c = costs_of(s)
+        assert t0 >= last_end[s] - 1e-12
+        assert t1 - t0 == pytest.approx(c.of(a))
+        last_end[s] = t1
+        ends[(s, a.kind, a.index)] = (t0, t1)
+    for (s, kind, j), (t0, _) in ends.items():
+        c = costs_of(s)
+        if kind == "F" and s > 0:
+            assert t0 >= ends[(s - 1, "F", j)][1] + c.p2p - 1e-12
+        if kind == "B" and s < tl.stages - 1:
+            assert t0 >= ends[(s + 1, "B", j)][1] + c.p2p - 1e-12
+        if kind == "STEP" and tl.schedule == "1f1b_flush":
+            # global: starts together everywhere, after every stage finished the window
+            starts = {ends[(r, "STEP", j)][0] for r in range(tl.stages)}
+            assert starts == {t0}
+            for r in range(tl.stages):
+                done = max(e for (q, k, i), (_, e) in ends.items()
+                           if q == r and k != "STEP" and i <= j * tl.window)  # fmt: skip
+                assert t0 >= done - 1e-12
+
+
+@pytest.mark.parametrize("p, m", [(1, 3), (2, 2), (2, 4), (4, 4), (4, 2), (8, 8), (5, 1)])
+def test_flush_bubble_is_analytical(p: int, m: int) -> None:
+    # One window of 1F1B: makespan = (M + P - 1) * (F + B), so idle share = (P-1)/(M+P-1).
+    tl = simulate("1f1b_flush", p, m, 1, UNIT)
+    assert tl.makespan == (m + p - 1) * 3.0
+    assert bubble_fraction(tl) == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+    # Windows are separated by the flush, so more windows keep the same share.
+    tl3 = simulate("1f1b_flush", p, m, 3, UNIT)
+    assert tl3.makespan == 3 * (m + p - 1) * 3.0
+    assert bubble_fraction(tl3) == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["pipedream_2bw", "paci"])
+@pytest.mark.parametrize("p, m, w", [(2, 2, 5), (4, 4, 3), (4, 3, 6), (3, 8, 4)])
+def test_async_bubble_only_at_the_ends(name: str, p: int, m: int, w: int) -> None:
+    # One 1F1B over all N = m*w micro-batches: fill and drain happen once.
+    n = m * w
+    tl = simulate(name, p, m, w, UNIT)
+    assert tl.makespan == (n + p - 1) * 3.0
+    assert bubble_fraction(tl) == pytest.approx((p - 1) / (n + p - 1), abs=1e-12)
+    assert steady_state_bubble(tl) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_paci_small_window_deep_pipe_steady_state() -> None:
+    tl = simulate("paci", 8, 2, 12, UNIT)  # a < P-1: still bubble-free between fill and drain
+    assert steady_state_bubble(tl) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("p, m", [(2, 2), (4, 4), (3, 2)])
+def test_flush_steady_state_bubble(p: int, m: int) -> None:
+    tl = simulate("1f1b_flush", p, m, 5, UNIT)
+    assert steady_state_bubble(tl) == pytest.approx((p - 1) / (m + p - 1), abs=1e-12)
+
+
+def test_steady_state_needs_three_windows() -> None:
+    assert math.isnan(steady_state_bubble(simulate("paci", 2, 2, 2, UNIT)))
+
+
+@pytest.mark.parametrize("m, ratio", [(2, 1.5), (4, 1.25)])
+def test_throughput_ratio_paci_over_flush(m: int, ratio: float) -> None:
+    # P=2: flush pays (M+1)*3 per window, PACI 3*M in steady state.
+    w = 60
+    paci = throughput(simulate("paci", 2, m, w, UNIT), m * w)
+    flush = throughput(simulate("1f1b_flush", 2, m, w, UNIT), m * w)
+    assert paci / flush == pytest.approx(ratio, rel=0.05)
+
+
+def test_dependencies_hold_with_p2p_step_and_uneven_stages() -> None:
+    per_stage = [Costs(1.0, 2.0, 0.5, 0.25), Costs(1.5, 3.0, 0.2, 0.25),
+                 Costs(0.7, 1.1, 0.0, 0.4)]  # fmt: skip
+    for name in SCHEDULES:
+        tl = simulate(name, 3, 2, 4, per_stage_costs=per_stage)
+        check_dependencies(tl, lambda s: per_stage[s])
+        assert len(tl.events) == 3 * (2 * 8 + 4)
+    for name in SCHEDULES:
+        c = Costs(1.0, 2.0, 0.3, 0.1)
+        tl = simulate(name, 4, 4, 3, c)
+        check_dependencies(tl, lambda s, c=c: c)
+
+
+def test_flush_step_is_global_async_step_is_local() -> None:
+    c = Costs(1.0, 2.0, 1.0, 0.0)
+    flush = simulate("1f1b_flush", 3, 2, 2, c)
+    s1 = [t0 for _, a, t0, _ in flush.events if str(a) == "S1"]
+    assert len(s1) == 3 and len(set(s1)) == 1
+    paci = simulate("paci", 3, 2, 2, c)
+    s1 = [t0 for _, a, t0, _ in paci.events if str(a) == "S1"]
+    assert len(set(s1)) == 3  # each stage steps when its own window is done
+
+
+def test_slowest_stage_sets_throughput() -> None:
+    per_stage = [UNIT, Costs(2.0, 4.0), UNIT]
+    tl = simulate("paci", 3, 4, 40, per_stage_costs=per_stage)
+    assert throughput(tl) == pytest.approx(1 / 6.0, rel=0.05)
+
+
+def test_peak_in_flight_per_stage_matches_lists() -> None:
+    for name in SCHEDULES:
+        tl = simulate(name, 4, 3, 3, UNIT)
+        expected = [peak_in_flight(build_schedule(name, 4, s, 3, 3)) for s in range(4)]
+        assert peak_in_flight_per_stage(tl) == expected
+        assert all(v <= 4 - s for s, v in enumerate(expected))
+
+
+def test_project_rows() -> None:
+    rows = project("paci", [4, 8, 16, 32], 8, 4, UNIT)
+    assert [r["stages"] for r in rows] == [4, 8, 16, 32]
+    for r in rows:
+        p, n = r["stages"], 32
+        assert r["bubble"] == pytest.approx((p - 1) / (n + p - 1), abs=1e-12)
+        assert r["throughput"] == pytest.approx(n / ((n + p - 1) * 3.0))
+        assert r["peak_in_flight"] == [min(p - s, n) for s in range(p)]
+        assert r["bound"] == [math.ceil((p - s - 1) / 8) for s in range(p)]
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="unknown schedule"):
+        simulate("gpipe", 2, 2, 1, UNIT)
+    with pytest.raises(ValueError, match="m >= P-1"):
+        simulate("pipedream_2bw", 4, 2, 1, UNIT)
+    with pytest.raises(ValueError, match="3 stages"):
+        simulate("paci", 3, 2, 1, per_stage_costs=[UNIT])
+    with pytest.raises(ValueError, match=">= 0"):
+        Costs(forward=-1.0)
+    empty = simulate("paci", 2, 2, 0, UNIT)
+    assert empty.makespan == 0.0 and bubble_fraction(empty) == 0.0
+
+
+def test_draw_writes_decodable_png(tmp_path) -> None:
+    tl = simulate("paci", 4, 4, 3, UNIT)
+    path = tmp_path / "t.png"
+    assert draw(tl, str(path), "paci P=4", width=900) == 900
+    img = decode_png(path.read_bytes())
+    assert img.shape[1] == 900 and img.shape[2] == 3
+    assert img.shape[0] > 4 * 44  # one row per stage
+    # default width grows with the run so labels fit, but stays bounded
+    w = draw(tl, str(tmp_path / "auto.png"), "auto")
+    assert 1200 <= w <= 4000
+    assert decode_png((tmp_path / "auto.png").read_bytes()).shape[1] == w
+
+
+def test_cli_writes_png_and_prints_bubble(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--schedule", "paci", "--stages", "8", "--microbatches", "8"]) == 0
+    out = capsys.readouterr().out
+    png = tmp_path / "timeline_paci_P8_M8.png"
+    assert png.exists() and decode_png(png.read_bytes()).shape[2] == 3
+    # 4 windows by default: N = 32, bubble = 7/39
+    assert f"{7 / 39:.3f}" in out and "paci" in out
+
+
+def test_cli_all_compares_three(tmp_path, capsys) -> None:
+    out_png = str(tmp_path / "cmp.png")
+    assert main(["--schedule", "all", "--stages", "4", "--microbatches", "4", "--windows", "3",
+                 "--output", out_png]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    for name in SCHEDULES:
+        assert name in out
+        assert (tmp_path / f"cmp_{name}.png").exists()
+    assert f"{3 / 7:.3f}" in out  # flush
+    assert f"{3 / 15:.3f}" in out  # 2BW and PACI
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--schedule", "gpipe"], "unknown schedule"),
+        (["--schedule", "pipedream_2bw", "--stages", "4", "--microbatches", "2"], "m >= P-1"),
+        (["--schedule", "paci", "--microbatches", "0"], "a window of zero"),
+        (["--schedule", "paci", "--forward", "-1"], ">= 0"),
+    ],
+)
+def test_cli_errors(argv: list[str], match: str, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+    assert not list(tmp_path.iterdir())
