@@ -223,12 +223,6 @@ def throughput(tl: Timeline, microbatches: int | None = None) -> float:
 _STEP_INK = (25, 25, 25)
 
 
-def _palette() -> list[tuple[int, int, int]]:
-    from megatron_paci.utils.canvas import PALETTE
-
-    return PALETTE
-
-
 def _darker(c: Sequence[int], f: float = 0.55) -> tuple[int, int, int]:
     return (int(c[0] * f), int(c[1] * f), int(c[2] * f))
 
@@ -237,7 +231,7 @@ def _lighter(c: Sequence[int], f: float = 0.35) -> tuple[int, int, int]:
     return tuple(int(v + (255 - v) * f) for v in c)  # type: ignore[return-value]
 
 
-def auto_width(tl: Timeline, costs: Costs | None = None) -> int:
+def auto_width(tl: Timeline) -> int:
     """Image width that gives the shortest F box room for a label such as "F12" (capped)."""
     shortest = min((e - b for _, a, b, e in tl.events if a.kind == "F" and e > b), default=0)
     if shortest <= 0 or tl.makespan <= 0:
@@ -253,9 +247,10 @@ def draw(tl: Timeline, path: str, title: str = "", width: int | None = None) -> 
     micro-batch can be followed down and back up the pipe; STEPs are labelled markers.
     Returns the image width used.
     """
+    # Imported here so the simulator itself needs nothing beyond the standard library.
+    from megatron_paci.utils.canvas import PALETTE as pal
     from megatron_paci.utils.plots import timeline_plot
 
-    pal = _palette()
     boxes = []
     markers = []
     for s, a, t0, t1 in tl.events:
@@ -331,9 +326,15 @@ def format_table(rows: Sequence[dict]) -> str:
             "peak in-flight/stage", "paci bound/stage"]  # fmt: skip
     body = [
         [
-            r["schedule"], str(r["stages"]), str(r["window"]), str(r["num_windows"]),
-            f"{r['makespan']:g}", _fmt(r["bubble"]), _fmt(r["steady_bubble"]),
-            _fmt(r["throughput"]), " ".join(map(str, r["peak_in_flight"])),
+            r["schedule"],
+            str(r["stages"]),
+            str(r["window"]),
+            str(r["num_windows"]),
+            f"{r['makespan']:g}",
+            _fmt(r["bubble"]),
+            _fmt(r["steady_bubble"]),
+            _fmt(r["throughput"]),
+            " ".join(map(str, r["peak_in_flight"])),
             " ".join(map(str, r["bound"])) if "bound" in r else "-",
         ]  # fmt: skip
         for r in rows
