@@ -18,7 +18,7 @@ from megatron_paci.parallel.state import (
     shutdown,
     world_from_env,
 )
-from megatron_paci.parallel.validate import validate_layout
+from megatron_paci.training.layout import validate_layout
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,10 @@ class ParallelConfig:
 @dataclass
 class PipelineConfig:
     schedule: str = "1f1b_flush"  # 1f1b_flush | pipedream_2bw | paci
-    layers_per_stage: list[int] | None = None
+    layers_per_stage: list[int] | None = None  # None -> even split
+    dump_versions: bool = False  # write (stage, j, v_F, v_B) per micro-batch to run.dir/pipeline/
+    timeline: bool = False  # record action times; draw run.dir/pipeline/timeline.png at the end
+    verify_versions: bool = False  # checksum the weights each F and B sees (slow; for tests)
 
 
 @dataclass

@@ -124,15 +124,20 @@ class GradBuffer:
     # -- hooks -------------------------------------------------------------
 
     def _on_grad_ready(self, p: torch.Tensor) -> None:
-        """Fold ``p.grad`` into fp32 ``main_grad``; launch its bucket once the bucket is full."""
+        grad, p.grad = p.grad, None
+        self.accumulate(p, grad)
+
+    def accumulate(self, p: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """Fold ``grad`` of parameter ``p`` into fp32 ``main_grad``; launch its bucket
+        once the bucket is full. Public so that gradients computed against another
+        copy of the weights (PipeDream-2BW's stashed versions) land in the same place."""
         bucket = self._bucket_of[id(p)]
         if bucket.launched:
             raise RuntimeError(
                 f"gradient of {self.names[id(p)]} arrived after its bucket {bucket.index} was "
                 "launched; call finish_grad_sync() and zero_grad() before another backward")
-        if p.grad is not None:
-            p.main_grad.add_(p.grad)  # type promotion: bf16 grad -> fp32 accumulator
-            p.grad = None
+        if grad is not None:
+            p.main_grad.add_(grad)  # type promotion: bf16 grad -> fp32 accumulator
         if not self.sync_enabled:
             return
         self._hooks_fired += 1

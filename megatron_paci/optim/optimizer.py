@@ -141,6 +141,20 @@ class Optimizer:
             alias.grad = None
         return norm, False
 
+    def rebind_storage(self) -> None:
+        """Move every parameter to a copy of its storage before an update.
+
+        PipeDream-2BW publishes weight versions that alias the parameters'
+        storage; after this, the update writes the copy and the published
+        version keeps the old storage untouched.
+        """
+        if self.distributed is not None:
+            raise RuntimeError("PipeDream-2BW does not support optim.distributed_optimizer")
+        for p, (_, alias) in zip(self.params, self.aliases, strict=True):
+            fresh = p.data.clone()
+            p.data = fresh
+            alias.set_(fresh)
+
     def state_by_name(self, create: bool = False) -> dict[str, torch.Tensor]:
         """Optimizer state keyed by parameter name, the same for both paths."""
         if self.distributed is not None:

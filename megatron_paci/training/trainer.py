@@ -7,6 +7,7 @@ All input checks (data files, tokenizer vs model vocabulary, sizes) happen in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -16,25 +17,43 @@ from typing import Any
 
 import torch
 
-from megatron_paci.checkpoint.format import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_paci.checkpoint.format import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from megatron_paci.checkpoint.sharding import as_global
 from megatron_paci.config.loader import ConfigError, format_config, to_yaml
 from megatron_paci.config.schema import Config
 from megatron_paci.data.gpt_dataset import build_gpt_datasets
 from megatron_paci.data.sampler import build_pretraining_data_loader
 from megatron_paci.data.tokenizer import build_tokenizer
-from megatron_paci.model.gpt import GPTModel, count_parameters, padded_vocab_size
+from megatron_paci.model.gpt import GPTModel, StageSpec, count_parameters, padded_vocab_size
 from megatron_paci.model.transformer import TPContext
 from megatron_paci.optim.lr_schedule import LRSchedule
 from megatron_paci.optim.optimizer import Optimizer
 from megatron_paci.parallel import comm
 from megatron_paci.parallel.random import capture_rng, restore_rng, seed_everything
 from megatron_paci.parallel.state import ParallelState, single_process
-from megatron_paci.parallel.validate import validate_layout
+from megatron_paci.pipeline.executor import PipelineExecutor
+from megatron_paci.pipeline.partition import partition_layers
+from megatron_paci.pipeline.traits import schedule_traits
 from megatron_paci.tensor_parallel import model_parallel_seed
 from megatron_paci.training.flops import flops_per_token
 from megatron_paci.training.generate import sample
+from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
+
+
+def _clone_target(t: Any) -> Any:
+    """A load target with its own storage (DTensor-aware)."""
+    if hasattr(t, "to_local"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(t.to_local().clone(), t.device_mesh, t.placements,
+                                  run_check=False, shape=t.shape, stride=t.stride())
+    return t.clone()
 
 
 @dataclass
@@ -107,9 +126,39 @@ class Trainer:
         self.rng_tracker = model_parallel_seed(t.seed, ps.tensor_rank, ps.pipeline_rank)
         tp = TPContext(group=ps.tensor_group, size=ps.tensor_size, rank=ps.tensor_rank,
                        sequence_parallel=cfg.parallel.sequence_parallel, rng=self.rng_tracker)
-        self.model = GPTModel(cfg.model, self.vocab_size, seed=t.seed, tp=tp).to(self.device)
-        self.optimizer = Optimizer(self.model, cfg.optim, ps)
+        self.traits = schedule_traits(cfg.pipeline.schedule)
+        first, last = partition_layers(cfg.model.num_layers, ps.pipeline_size,
+                                       cfg.pipeline.layers_per_stage)[ps.pipeline_rank]
+        self.stage = StageSpec(first, last, ps.is_first_stage, ps.is_last_stage)
+        model_cfg = cfg.model
+        self.untied_for_pipeline = (ps.pipeline_size > 1 and cfg.model.tie_embeddings
+                                    and not self.traits.tied_embeddings_across_stages)
+        if self.untied_for_pipeline:
+            model_cfg = dataclasses.replace(cfg.model, tie_embeddings=False)
+        self.model = GPTModel(model_cfg, self.vocab_size, stage=self.stage, seed=t.seed,
+                              tp=tp).to(self.device)
+        self.optimizer = Optimizer(self.model, cfg.optim, ps,
+                                   clip_across_pipeline=self.traits.global_step)
         self.lr_schedule = LRSchedule(cfg.optim, t.iters)
+        self.policy = self.traits.make_policy(self.model, self.num_micro_batches,
+                                              self.optimizer.grad_buffer.accumulate,
+                                              self.optimizer.rebind_storage)
+        tied_grad = None
+        if ps.pipeline_size > 1 and model_cfg.tie_embeddings:
+            tied = (self.model.embedding.word_embeddings.weight if self.stage.pre_process
+                    else self.model.output_layer.weight)
+            tied_grad = tied.main_grad
+        seq_local = cfg.model.seq_length // (ps.tensor_size if cfg.parallel.sequence_parallel
+                                             else 1)
+        self.executor = PipelineExecutor(
+            model=self.model, optimizer=self.optimizer, lr_schedule=self.lr_schedule,
+            policy=self.policy, pstate=ps, schedule=cfg.pipeline.schedule,
+            window=self.num_micro_batches,
+            activation_shape=(seq_local, t.micro_batch_size, cfg.model.hidden_size),
+            device=self.device, autocast=self._autocast, global_step=self.traits.global_step,
+            tied_embedding_grad=tied_grad, record_events=cfg.pipeline.timeline,
+            verify_versions=cfg.pipeline.verify_versions,
+        )
         self.progress = Progress()
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
         self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
@@ -132,8 +181,14 @@ class Trainer:
         for key, t in self.optimizer.state_by_name(create=create_optimizer_state).items():
             name = key.rsplit(".", 1)[0]
             optim[key] = as_global(t, dims.get(name) if t.ndim else None, self.pstate)
-        return {"model": model, "optimizer": optim,
-                f"rng_rank{self.pstate.rank}": self._rng_state()}
+        tensors = {"model": model, "optimizer": optim,
+                   f"rng_rank{self.pstate.rank}": self._rng_state()}
+        if self.traits.stashes_weights:
+            stash = self.policy.state_tensors() or {
+                n: p.detach() for n, p in self.model.named_parameters()}
+            tensors["pipeline_stash"] = {n: as_global(t, dims.get(n), self.pstate)
+                                         for n, t in stash.items()}
+        return tensors
 
     def save(self) -> str:
         tensors = self._checkpoint_tensors(create_optimizer_state=False)
@@ -143,6 +198,7 @@ class Trainer:
             "skipped_iters": self.progress.skipped_iters,
             "lr_schedule": self.lr_schedule.state_dict(),
             "schedule": self.cfg.pipeline.schedule,
+            "pipeline_stash": self.traits.stashes_weights,
             "layout": {"world": ps.world_size, "tensor": ps.tensor_size,
                        "pipeline": ps.pipeline_size, "data": ps.data_size},
         }
@@ -157,6 +213,15 @@ class Trainer:
             return False
         # Current tensors (and RNG states) serve as correctly shaped targets to load into.
         tensors = self._checkpoint_tensors(create_optimizer_state=True)
+        has_stash = read_meta(path).get("pipeline_stash", False)
+        if "pipeline_stash" in tensors and not has_stash:
+            self._print(f"{path} holds no older weight version (written by another schedule); "
+                        "PipeDream-2BW starts its stash from the loaded weights")
+            # Clones: the stash targets must not alias the live parameters.
+            del tensors["pipeline_stash"]
+        elif "pipeline_stash" in tensors:
+            tensors["pipeline_stash"] = {k: _clone_target(v)
+                                         for k, v in tensors["pipeline_stash"].items()}
         meta = load_checkpoint(path, tensors)
         self.optimizer.load_state_by_name(
             {k: v.to_local() if hasattr(v, "to_local") else v
@@ -164,6 +229,11 @@ class Trainer:
         self.progress = Progress(meta["iteration"], meta["consumed_samples"],
                                  meta.get("skipped_iters", 0))
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
+        self.policy.reset(self.lr_schedule.num_steps)
+        if "pipeline_stash" in tensors:
+            self.policy.load_state_tensors(
+                {k: v.to_local() if hasattr(v, "to_local") else v
+                 for k, v in tensors["pipeline_stash"].items()})
         rng = tensors[f"rng_rank{self.pstate.rank}"]
         restore_rng(rng)
         self.rng_tracker.set_states({k.removeprefix("tracker."): v for k, v in rng.items()
@@ -188,47 +258,29 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        with self._autocast():
-            return self.model(tokens=tokens[:, :-1], labels=tokens[:, 1:]).mean()
-
-    def _mean_over_dp(self, total: torch.Tensor, count: int) -> float:
-        """Loss for the log: averaged over every micro-batch of every dp rank."""
-        total = total.detach().reshape(1).double()
+    def _mean_over_dp(self, value: float) -> float:
+        """Loss for the log: the mean over every dp rank's micro-batches."""
+        total = torch.tensor([value], dtype=torch.float64)
         comm.all_reduce(total, self.pstate.data_group, "dp")
-        return total.item() / (count * self.pstate.data_size)
+        return total.item() / self.pstate.data_size
 
-    def train_step(self, batches) -> tuple[float, float, bool]:
-        """One global batch: accumulate, sync, clip, step. Returns (loss, grad norm, skipped)."""
-        self.model.train()
-        self.optimizer.zero_grad()
-        total = torch.zeros((), device=self.device)
-        for i in range(self.num_micro_batches):
-            last = i == self.num_micro_batches - 1
-            with contextlib.nullcontext() if last else self.optimizer.no_sync():
-                loss = self._loss(next(batches))
-                (loss / self.num_micro_batches).backward()
-            total += loss.detach()
-        norm, skipped = self.optimizer.step(self.lr_schedule.lr)
-        if not skipped:
-            self.lr_schedule.step()
-        return self._mean_over_dp(total, self.num_micro_batches), norm, skipped
+    def _data(self, dataset, consumed: int):
+        """Batches for the stages that read data (first: tokens, last: labels)."""
+        if not (self.stage.pre_process or self.stage.post_process):
+            return None
+        return iter(build_pretraining_data_loader(
+            dataset, consumed, self.cfg.train.micro_batch_size, self.pstate.data_rank,
+            self.pstate.data_size, self.cfg.data.num_workers))
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Forward-only pass through the (drained) pipeline; the loss on the last stage."""
         if self.valid_ds is None or self.cfg.train.eval_iters == 0:
             return None
         self.model.eval()
-        loader = build_pretraining_data_loader(
-            self.valid_ds, 0, self.cfg.train.micro_batch_size, self.pstate.data_rank,
-            self.pstate.data_size, self.cfg.data.num_workers,
-        )
-        batches = iter(loader)
-        count = self.cfg.train.eval_iters * self.num_micro_batches
-        total = sum(self._loss(next(batches)).detach().double() for _ in range(count))
+        loss = self.executor.forward_only(self._data(self.valid_ds, 0),
+                                          self.cfg.train.eval_iters * self.num_micro_batches)
         self.model.train()
-        return self._mean_over_dp(total, count)
+        return None if loss is None else self._mean_over_dp(loss)
 
     # --- loop --------------------------------------------------------------
 
@@ -243,42 +295,49 @@ class Trainer:
         with open(os.path.join(self.cfg.run.dir, "config.yaml"), "w") as f:
             f.write(to_yaml(self.cfg))
 
+    def _next_drain(self, iteration: int) -> int:
+        """The next iteration after which the pipeline drains (eval, checkpoint, exit, end)."""
+        cfg, t = self.cfg, self.cfg.train
+        candidates = [t.iters]
+        for every in (t.eval_interval, cfg.checkpoint.interval, t.exit_interval):
+            if every:
+                candidates.append((iteration // every + 1) * every)
+        return min(candidates)
+
     def train(self) -> Progress:
         cfg, t = self.cfg, self.cfg.train
+        ps = self.pstate
         self._write_run_files()
         self._print(format_config(cfg))
-        self._print(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters, padded vocab "
-                    f"{self.vocab_size}, device {self.device}, precision "
+        self._print(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters on this stage, "
+                    f"padded vocab {self.vocab_size}, device {self.device}, precision "
                     f"{self.autocast_dtype or torch.float32}, {self.num_micro_batches} "
                     "micro-batches per iteration")
+        if ps.pipeline_size > 1:
+            self._print(f"pipeline: {self.traits.title}, {ps.pipeline_size} stages, window "
+                        f"{self.num_micro_batches}; last stage holds layers "
+                        f"{self.stage.first_layer}-{self.stage.last_layer - 1}")
+        if self.untied_for_pipeline:
+            self._print(f"pipeline: {self.traits.title} uses an untied output layer "
+                        "(model.tie_embeddings ignored): keeping a tied copy in sync would "
+                        "need a first/last-stage all-reduce at every step")
         self.maybe_resume()
         if self.progress.iteration >= t.iters:
             self._print(f"nothing to do: already at iteration {self.progress.iteration} "
                         f"of train.iters={t.iters}")
             return self.progress
-        loader = build_pretraining_data_loader(
-            self.train_ds, self.progress.consumed_samples, t.micro_batch_size,
-            self.pstate.data_rank, self.pstate.data_size, cfg.data.num_workers,
-        )
-        batches = iter(loader)
-        tokens_per_iter = t.global_batch_size * cfg.model.seq_length
-        window: list[tuple[float, float]] = []
-        window_start = time.perf_counter()
-        run_start = window_start
+        batches = self._data(self.train_ds, self.progress.consumed_samples)
+        self._window_rows: list[tuple[float | None, float, dict[str, int]]] = []
+        self._window_start = self._run_start = time.perf_counter()
+        comm.STATS.reset()
         while self.progress.iteration < t.iters:
-            comm.STATS.reset()
-            loss, norm, skipped = self.train_step(batches)
-            comm_bytes = comm.STATS.snapshot()
+            it = self.progress.iteration
+            drain = self._next_drain(it)
+            self.model.train()
+            self.executor.train_segment(batches, it + 1, drain - it, self._after_step)
+            # Drained: no micro-batch in flight, every stage at the same version.
             p = self.progress
-            p.iteration += 1
-            p.consumed_samples += t.global_batch_size
-            p.skipped_iters += int(skipped)
-            window.append((loss, norm, comm_bytes))
-            if p.iteration % cfg.logging.interval == 0 or p.iteration == t.iters:
-                now = time.perf_counter()
-                per_iter = (now - window_start) / len(window)
-                self._log_train(window, per_iter, tokens_per_iter, now - run_start)
-                window, window_start = [], time.perf_counter()
+            self._log_pipeline()
             if t.eval_interval and (p.iteration % t.eval_interval == 0 or p.iteration == t.iters):
                 self._log_eval()
             save_now = cfg.checkpoint.interval and p.iteration % cfg.checkpoint.interval == 0
@@ -290,6 +349,48 @@ class Trainer:
                 break
         self.finish()
         return self.progress
+
+    def _after_step(self, k: int, loss: float | None, norm: float, skipped: bool) -> None:
+        """Per-iteration bookkeeping, called by the executor right after STEP(k) on this stage."""
+        cfg, t, p = self.cfg, self.cfg.train, self.progress
+        if self.stage.post_process and loss is not None:
+            loss = self._mean_over_dp(loss)
+        p.iteration = k
+        p.consumed_samples += t.global_batch_size
+        p.skipped_iters += int(skipped)
+        self._window_rows.append((loss, norm, comm.STATS.snapshot()))
+        comm.STATS.reset()
+        if p.iteration % cfg.logging.interval == 0 or p.iteration == self._next_drain(k - 1):
+            now = time.perf_counter()
+            per_iter = (now - self._window_start) / len(self._window_rows)
+            if self.log_enabled:
+                self._log_train(self._window_rows, per_iter,
+                                t.global_batch_size * cfg.model.seq_length,
+                                now - self._run_start)
+            self._window_rows, self._window_start = [], time.perf_counter()
+
+    def _log_pipeline(self) -> None:
+        """At a drain: versions each stage saw, gathered to the logging rank."""
+        ps, tel = self.pstate, self.executor.telemetry
+        if self.cfg.pipeline.dump_versions and ps.tensor_rank == 0 and ps.data_rank == 0:
+            out = os.path.join(self.cfg.run.dir, "pipeline")
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"versions_stage{ps.pipeline_rank}.csv"), "w") as f:
+                f.write("stage,microbatch,version_forward,version_backward\n")
+                f.writelines(f"{s},{j},{vf},{vb}\n" for s, j, vf, vb in tel.rows())
+        if ps.pipeline_size == 1:
+            return
+        mine = torch.tensor([float(tel.max_drift()), float(tel.peak_in_flight),
+                             float(tel.peak_versions)])
+        table = comm.all_gather(mine.reshape(1, 3), ps.pipeline_group, "pp").int().tolist()
+        drift = [r[0] for r in table]
+        in_flight = [r[1] for r in table]
+        if self.log_enabled:
+            self._print(f"pipeline {self.traits.title}: max updates crossed per stage {drift}, "
+                        f"peak in-flight micro-batches {in_flight}, peak weight versions "
+                        f"{[r[2] for r in table]}")
+            self.metrics.log({"iteration": self.progress.iteration, "max_drift": drift,
+                              "peak_in_flight": in_flight})
 
     def _log_train(self, window, per_iter: float, tokens_per_iter: int, elapsed: float) -> None:
         p = self.progress
@@ -305,6 +406,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "tflops": tokens_per_s * self.flops_per_token / 1e12,
             "grad_norm": window[-1][1],
+            "bubble_fraction": self.executor.measured_bubble(),
             "skipped_iters": p.skipped_iters,
             "global_batch_size": self.cfg.train.global_batch_size,
         }
@@ -327,7 +429,7 @@ class Trainer:
         self._print_loss_summary()
         if self.cfg.logging.plot:
             self.plot_losses()
-        if self.cfg.train.sample_tokens > 0:
+        if self.cfg.train.sample_tokens > 0 and self.pstate.pipeline_size == 1:
             prompt = self.cfg.train.sample_prompt
             ids = self.tokenizer.tokenize(prompt) if prompt else [self.tokenizer.eod]
             out = sample(self.model, ids, self.cfg.train.sample_tokens,

@@ -51,15 +51,15 @@ def _die_mid_run(rank, world, prefix, run_dir):
     cfg = config(prefix, run_dir, 50, **{"parallel.timeout_s": 20})
     trainer = Trainer(cfg, initialize(1, 1, timeout_s=20))
     calls = {"n": 0}
-    step = trainer.train_step
+    step = trainer.executor._step
 
-    def dying_step(batches):
+    def dying_step(action):
         calls["n"] += 1
         if rank == 1 and calls["n"] == 3:
             os._exit(17)
-        return step(batches)
+        return step(action)
 
-    trainer.train_step = dying_step
+    trainer.executor._step = dying_step
     start = time.monotonic()
     try:
         trainer.train()

@@ -7,7 +7,7 @@ from megatron_paci.parallel.state import (
     rank_coordinates,
     world_from_env,
 )
-from megatron_paci.parallel.validate import validate_layout
+from megatron_paci.training.layout import validate_layout
 
 
 def test_world_from_torchrun_and_slurm(monkeypatch):

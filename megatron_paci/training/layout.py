@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from megatron_paci.config.schema import Config
 from megatron_paci.parallel.state import ParallelConfigError, check_sizes
+from megatron_paci.pipeline.partition import partition_layers
 
 
 def validate_layout(cfg: Config, world: int) -> int:
@@ -39,13 +40,24 @@ def validate_layout(cfg: Config, world: int) -> int:
         raise ParallelConfigError(
             f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={tp}, "
             "which sequence parallelism needs")
-    if par.pipeline > 1:
-        raise ParallelConfigError(
-            f"parallel.pipeline={par.pipeline}: the pipeline engine is not available in this "
-            "build yet; use parallel.pipeline=1")
+    try:
+        partition_layers(m.num_layers, par.pipeline, cfg.pipeline.layers_per_stage)
+    except ValueError as e:
+        raise ParallelConfigError(str(e)) from None
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ParallelConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
             f"(world {world} / (tensor {tp} x pipeline {par.pipeline}))")
+    window = t.global_batch_size // (t.micro_batch_size * dp)
+    if cfg.pipeline.schedule == "pipedream_2bw":
+        if window < par.pipeline - 1:
+            raise ParallelConfigError(
+                f"PipeDream-2BW needs m >= P-1: the window m = train.global_batch_size / "
+                f"(train.micro_batch_size x dp) = {window} < parallel.pipeline-1 = "
+                f"{par.pipeline - 1}")
+        if cfg.optim.distributed_optimizer:
+            raise ParallelConfigError(
+                "pipeline.schedule=pipedream_2bw does not support "
+                "optim.distributed_optimizer=true (its weight stash needs whole parameters)")
     return dp

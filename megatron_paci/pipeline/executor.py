@@ -1,0 +1,276 @@
+"""One executor for every schedule: it runs a stage's action list on a real rank.
+
+The list (schedules.py) says what to do and in which order; the weight-version
+policy (versions.py) says which weights each forward and backward sees. The
+executor moves activations forward and gradients backward between
+neighbouring stages with batched isend/irecv, accumulates gradients, applies
+STEPs, and records for every micro-batch the versions it saw and when each
+action ran. Nothing here branches on the schedule's name beyond asking
+whether a STEP is global (1F1B-flush) or local.
+
+Sends are posted asynchronously and waited for at the end of a segment;
+receives are posted when their action needs them. Both directions between a
+pair of stages carry one kind of message each, in micro-batch order, so the
+messages match without tags and 1F1B's order cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_paci.parallel import comm
+from megatron_paci.parallel.state import ParallelState
+from megatron_paci.pipeline.schedules import Action, build_schedule
+
+StepCallback = Callable[[int, float | None, float, bool], None]
+
+
+class PipelineError(RuntimeError):
+    """A stage could not complete an action: names the stage, the action and the peer."""
+
+
+@dataclass
+class Telemetry:
+    """What one stage saw: versions per micro-batch, in-flight peak, action times."""
+
+    stage: int
+    versions: dict[int, list[int]] = field(default_factory=dict)  # j -> [v_F, v_B]
+    checksums: dict[int, list[float]] = field(default_factory=dict)  # j -> [at F, at B]
+    peak_in_flight: int = 0
+    peak_versions: int = 1
+    events: list[tuple[str, int, float, float]] = field(default_factory=list)
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+
+    def max_drift(self) -> int:
+        """Most updates any micro-batch crossed between its forward and backward."""
+        done = [vb - vf for vf, vb in self.versions.values() if vb >= 0]
+        return max(done, default=0)
+
+    def rows(self) -> list[tuple[int, int, int, int]]:
+        return [(self.stage, j, vf, vb) for j, (vf, vb) in sorted(self.versions.items())]
+
+
+@dataclass
+class _InFlight:
+    inputs: torch.Tensor | None  # received activations (requires grad), None on stage 0
+    output: torch.Tensor  # activations sent on, or the scaled loss on the last stage
+
+
+class PipelineExecutor:
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: Any,
+        lr_schedule: Any,
+        policy: Any,
+        pstate: ParallelState,
+        schedule: str,
+        window: int,
+        activation_shape: tuple[int, int, int],
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        global_step: bool = True,
+        tied_embedding_grad: torch.Tensor | None = None,
+        record_events: bool = False,
+        verify_versions: bool = False,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_schedule = lr_schedule
+        self.policy = policy
+        self.pstate = pstate
+        self.schedule = schedule
+        self.window = window
+        self.shape = activation_shape
+        self.device = device
+        self.autocast = autocast
+        self.global_step = global_step
+        self.tied_embedding_grad = tied_embedding_grad
+        self.record_events = record_events
+        self.verify_versions = verify_versions
+        self.stage = pstate.pipeline_rank
+        self.stages = pstate.pipeline_size
+        self.first = pstate.is_first_stage
+        self.last = pstate.is_last_stage
+        ranks = pstate.pipeline_ranks
+        self.prev_rank = ranks[self.stage - 1] if not self.first else None
+        self.next_rank = ranks[self.stage + 1] if not self.last else None
+        self.telemetry = Telemetry(stage=self.stage)
+        self._pending_sends: list[tuple[Any, torch.Tensor]] = []
+        self._t0 = time.perf_counter()
+        self._segment_start: float | None = None
+
+    # --- point-to-point ------------------------------------------------------
+
+    def _send(self, tensor: torch.Tensor, peer: int) -> None:
+        tensor = tensor.detach().contiguous()
+        if tensor.shape != self.shape:
+            raise PipelineError(f"stage {self.stage}: sending shape {tuple(tensor.shape)}, "
+                                f"expected the agreed {self.shape}")
+        comm.STATS.add("pp", tensor.numel() * tensor.element_size())
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor.float(), peer)])
+        self._pending_sends.extend((w, tensor) for w in works)
+
+    def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
+        buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        try:
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, peer)]):
+                work.wait()
+        except Exception as e:  # gloo: peer closed or timed out
+            peer_stage = self.pstate.pipeline_ranks.index(peer)
+            raise PipelineError(
+                f"stage {self.stage} (rank {self.pstate.rank}) was running {action} and waiting "
+                f"for {what} from stage {peer_stage} (rank {peer}): {e}") from e
+        return buf
+
+    def _drain_sends(self) -> None:
+        for work, _ in self._pending_sends:
+            try:
+                work.wait()
+            except Exception as e:
+                raise PipelineError(f"stage {self.stage} (rank {self.pstate.rank}): a send "
+                                    f"to a neighbouring stage failed: {e}") from e
+        self._pending_sends.clear()
+
+    # --- actions -----------------------------------------------------------
+
+    def _event(self, kind: str, index: int, start: float) -> None:
+        end = time.perf_counter()
+        self.telemetry.busy_s += end - start
+        if self.record_events:
+            self.telemetry.events.append((kind, index, start - self._t0, end - self._t0))
+
+    def _forward(self, action: Action, batches: Iterator | None, in_flight: dict,
+                 losses: dict[int, float], scale: float) -> None:
+        j = action.index
+        tokens = labels = hidden = None
+        if self.first or self.last:
+            batch = next(batches)["tokens"].to(self.device, non_blocking=True)
+            tokens, labels = batch[:, :-1], batch[:, 1:]
+        if not self.first:
+            hidden = self._recv(self.prev_rank, f"activations of micro-batch {j}", action)
+            hidden.requires_grad_(True)
+        start = time.perf_counter()
+        self.telemetry.versions[j] = [self.policy.forward_version(j), -1]
+        if self.verify_versions:
+            self.telemetry.checksums[j] = [self.policy.checksum(j)]
+        with self.autocast():
+            out = self.policy.forward(j, tokens=tokens if self.first else None, hidden=hidden,
+                                      labels=labels if self.last else None)
+        if self.last:
+            loss = out.float().mean()
+            losses[j] = loss.item()
+            out = loss * scale
+        in_flight[j] = _InFlight(hidden, out)
+        self.telemetry.peak_in_flight = max(self.telemetry.peak_in_flight, len(in_flight))
+        self._event("F", j, start)
+        if not self.last:
+            self._send(out, self.next_rank)
+
+    def _backward(self, action: Action, in_flight: dict) -> None:
+        j = action.index
+        item = in_flight.pop(j)
+        grad = None
+        if not self.last:
+            grad = self._recv(self.next_rank, f"gradients of micro-batch {j}", action)
+        start = time.perf_counter()
+        self.telemetry.versions[j][1] = self.policy.backward_version(j)
+        if self.verify_versions:
+            self.telemetry.checksums[j].append(self.policy.checksum(j))
+        # Only the window's last backward starts the data-parallel reduction.
+        self.optimizer.grad_buffer.sync_enabled = j % self.window == 0
+        torch.autograd.backward(item.output, grad_tensors=grad)
+        self._event("B", j, start)
+        if not self.first:
+            self._send(item.inputs.grad, self.prev_rank)
+
+    def _step(self, action: Action) -> tuple[float, bool]:
+        if self.global_step:
+            # The flush is a global barrier: every stage's sends of this window land first.
+            self._drain_sends()
+        start = time.perf_counter()
+        if self.tied_embedding_grad is not None:
+            # First and last stage hold copies of a tied embedding: sum their grads.
+            comm.all_reduce(self.tied_embedding_grad, self.pstate.embedding_group, "emb")
+        self.policy.before_step()
+        norm, skipped = self.optimizer.step(self.lr_schedule.lr)
+        self.policy.after_step()
+        self.telemetry.peak_versions = max(self.telemetry.peak_versions,
+                                           self.policy.live_versions())
+        if not skipped:
+            self.lr_schedule.step()
+        self.optimizer.zero_grad()
+        self._event("S", action.index, start)
+        return norm, skipped
+
+    # --- public --------------------------------------------------------------
+
+    def measured_bubble(self) -> float:
+        """1 - compute time / training wall time on this stage (idle = waiting on peers)."""
+        tel = self.telemetry
+        wall = tel.wall_s
+        if self._segment_start is not None:
+            wall += time.perf_counter() - self._segment_start
+        return max(0.0, 1.0 - tel.busy_s / wall) if wall > 0 else 0.0
+
+    def train_segment(self, batches: Iterator | None, first_window: int, num_windows: int,
+                      on_step: StepCallback) -> None:
+        """Run ``num_windows`` windows from ``first_window`` and drain: on return no
+        micro-batch is in flight and every send has landed."""
+        actions = build_schedule(self.schedule, self.stages, self.stage, self.window,
+                                 num_windows, first_window)
+        in_flight: dict[int, _InFlight] = {}
+        losses: dict[int, float] = {}
+        scale = 1.0 / self.window
+        self.optimizer.zero_grad()
+        wall_start = self._segment_start = time.perf_counter()
+        for action in actions:
+            if action.kind == "F":
+                self._forward(action, batches, in_flight, losses, scale)
+            elif action.kind == "B":
+                self._backward(action, in_flight)
+            else:
+                norm, skipped = self._step(action)
+                k = action.index
+                window_losses = [losses.pop(j) for j in range((k - 1) * self.window + 1,
+                                                               k * self.window + 1)
+                                 if j in losses]
+                loss = sum(window_losses) / len(window_losses) if window_losses else None
+                on_step(k, loss, norm, skipped)
+        self._drain_sends()
+        self.telemetry.wall_s += time.perf_counter() - wall_start
+        self._segment_start = None
+        assert not in_flight, f"stage {self.stage}: micro-batches left in flight {in_flight}"
+
+    @torch.no_grad()
+    def forward_only(self, batches: Iterator | None, num_microbatches: int) -> float | None:
+        """Evaluation pass through the pipeline; the mean loss on the last stage."""
+        total, count = 0.0, 0
+        for j in range(1, num_microbatches + 1):
+            action = Action("F", j)
+            tokens = labels = hidden = None
+            if self.first or self.last:
+                batch = next(batches)["tokens"].to(self.device, non_blocking=True)
+                tokens, labels = batch[:, :-1], batch[:, 1:]
+            if not self.first:
+                hidden = self._recv(self.prev_rank, f"eval activations of micro-batch {j}",
+                                    action)
+            with self.autocast():
+                out = self.model(tokens=tokens if self.first else None, hidden=hidden,
+                                 labels=labels if self.last else None)
+            if self.last:
+                total += out.float().mean().item()
+                count += 1
+            else:
+                self._send(out, self.next_rank)
+        self._drain_sends()
+        return total / count if count else None
