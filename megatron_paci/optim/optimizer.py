@@ -44,7 +44,10 @@ def build_adamw(named: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torc
 
 
 def _counted_once(p: torch.Tensor, tensor_rank: int) -> bool:
-    """A tp-replicated parameter's gradient counts in the norm on tp rank 0 only."""
+    """Each gradient counts once in the global norm: a tp-replicated one on tp rank 0
+    only, and a tied embedding's copy on the last pipeline stage not at all."""
+    if getattr(p, "pipeline_shared_copy", False):
+        return False
     return getattr(p, "tensor_parallel_dim", None) is not None or tensor_rank == 0
 
 
@@ -69,6 +72,7 @@ class Optimizer:
             overlap=cfg.overlap_grad_reduce, reduce_scatter=cfg.distributed_optimizer,
         )
         self.sp_params = [p for p in self.params if getattr(p, "sequence_parallel", False)]
+        self.tied_embedding: torch.Tensor | None = None
         self.distributed: DistributedOptimizer | None = None
         self.adamw: torch.optim.Optimizer | None = None
         if cfg.distributed_optimizer:
@@ -84,6 +88,14 @@ class Optimizer:
             # (PACI's live weights) sees the new values instead of failing.
             self.aliases = [(n, p.data) for n, p in self.named]
             self.adamw = build_adamw(self.aliases, cfg)
+
+    def tie_across_stages(self, param: torch.Tensor) -> None:
+        """``param`` is this stage's copy of an embedding tied between the first and
+        last pipeline stage; the last stage's copy is left out of the grad norm."""
+        if self.distributed is not None:
+            raise ValueError("optim.distributed_optimizer=true cannot keep an embedding tied "
+                             "across pipeline stages; set model.tie_embeddings=false")
+        self.tied_embedding = param
 
     def _shard_norm_weights(self) -> torch.Tensor:
         buf = self.grad_buffer
@@ -120,6 +132,10 @@ class Optimizer:
         self.grad_buffer.finish_grad_sync()
         for p in self.sp_params:
             comm.all_reduce(p.main_grad, self.pstate.tensor_group, "tp")
+        if self.tied_embedding is not None:
+            # First and last pipeline stage hold copies of a tied embedding: after
+            # the dp reduction, sum their gradients so both copies step alike.
+            comm.all_reduce(self.tied_embedding.main_grad, self.pstate.embedding_group, "emb")
         norm = self._grad_norm()
         if not math.isfinite(norm):
             return norm, True

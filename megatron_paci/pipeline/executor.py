@@ -79,7 +79,6 @@ class PipelineExecutor:
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         global_step: bool = True,
-        tied_embedding_grad: torch.Tensor | None = None,
         record_events: bool = False,
         verify_versions: bool = False,
     ):
@@ -94,7 +93,6 @@ class PipelineExecutor:
         self.device = device
         self.autocast = autocast
         self.global_step = global_step
-        self.tied_embedding_grad = tied_embedding_grad
         self.record_events = record_events
         self.verify_versions = verify_versions
         self.stage = pstate.pipeline_rank
@@ -198,9 +196,6 @@ class PipelineExecutor:
             # The flush is a global barrier: every stage's sends of this window land first.
             self._drain_sends()
         start = time.perf_counter()
-        if self.tied_embedding_grad is not None:
-            # First and last stage hold copies of a tied embedding: sum their grads.
-            comm.all_reduce(self.tied_embedding_grad, self.pstate.embedding_group, "emb")
         self.policy.before_step()
         norm, skipped = self.optimizer.step(self.lr_schedule.lr)
         self.policy.after_step()

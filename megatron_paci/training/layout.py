@@ -10,6 +10,7 @@ from __future__ import annotations
 from megatron_paci.config.schema import Config
 from megatron_paci.parallel.state import ParallelConfigError, check_sizes
 from megatron_paci.pipeline.partition import partition_layers
+from megatron_paci.pipeline.traits import schedule_traits
 
 
 def validate_layout(cfg: Config, world: int) -> int:
@@ -49,6 +50,13 @@ def validate_layout(cfg: Config, world: int) -> int:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
             f"(world {world} / (tensor {tp} x pipeline {par.pipeline}))")
+    traits = schedule_traits(cfg.pipeline.schedule)
+    if (par.pipeline > 1 and m.tie_embeddings and traits.tied_embeddings_across_stages
+            and cfg.optim.distributed_optimizer):
+        raise ParallelConfigError(
+            "optim.distributed_optimizer=true cannot keep the embedding tied across pipeline "
+            f"stages ({traits.title}, parallel.pipeline={par.pipeline}); set "
+            "model.tie_embeddings=false")
     window = t.global_batch_size // (t.micro_batch_size * dp)
     if cfg.pipeline.schedule == "pipedream_2bw":
         if window < par.pipeline - 1:

@@ -101,6 +101,11 @@ class Trainer:
         self.cfg = cfg
         self.pstate = ps = pstate or single_process()
         t = cfg.train
+        if (ps.tensor_size, ps.pipeline_size) != (cfg.parallel.tensor, cfg.parallel.pipeline):
+            raise ConfigError(
+                f"process groups are tp={ps.tensor_size} x pp={ps.pipeline_size} but the config "
+                f"says parallel.tensor={cfg.parallel.tensor}, parallel.pipeline="
+                f"{cfg.parallel.pipeline}")
         dp = validate_layout(cfg, ps.world_size)
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
         if not cfg.data.path:
@@ -135,19 +140,25 @@ class Trainer:
                                     and not self.traits.tied_embeddings_across_stages)
         if self.untied_for_pipeline:
             model_cfg = dataclasses.replace(cfg.model, tie_embeddings=False)
+        self.model_cfg = model_cfg
         self.model = GPTModel(model_cfg, self.vocab_size, stage=self.stage, seed=t.seed,
                               tp=tp).to(self.device)
+        tied = None
+        if (ps.pipeline_size > 1 and model_cfg.tie_embeddings
+                and (self.stage.pre_process or self.stage.post_process)):
+            # First and last stage hold copies of the tied embedding; the last
+            # stage's copy is left out of the global grad norm (counted once).
+            tied = (self.model.embedding.word_embeddings.weight if self.stage.pre_process
+                    else self.model.output_layer.weight)
+            tied.pipeline_shared_copy = not self.stage.pre_process
         self.optimizer = Optimizer(self.model, cfg.optim, ps,
                                    clip_across_pipeline=self.traits.global_step)
         self.lr_schedule = LRSchedule(cfg.optim, t.iters)
         self.policy = self.traits.make_policy(self.model, self.num_micro_batches,
                                               self.optimizer.grad_buffer.accumulate,
                                               self.optimizer.rebind_storage)
-        tied_grad = None
-        if ps.pipeline_size > 1 and model_cfg.tie_embeddings:
-            tied = (self.model.embedding.word_embeddings.weight if self.stage.pre_process
-                    else self.model.output_layer.weight)
-            tied_grad = tied.main_grad
+        if tied is not None:
+            self.optimizer.tie_across_stages(tied)
         seq_local = cfg.model.seq_length // (ps.tensor_size if cfg.parallel.sequence_parallel
                                              else 1)
         self.executor = PipelineExecutor(
@@ -156,7 +167,7 @@ class Trainer:
             window=self.num_micro_batches,
             activation_shape=(seq_local, t.micro_batch_size, cfg.model.hidden_size),
             device=self.device, autocast=self._autocast, global_step=self.traits.global_step,
-            tied_embedding_grad=tied_grad, record_events=cfg.pipeline.timeline,
+            record_events=cfg.pipeline.timeline,
             verify_versions=cfg.pipeline.verify_versions,
         )
         self.progress = Progress()

@@ -113,6 +113,7 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: fl
                 p.kill()
                 p.join()
     if errors and not allow_failures:
-        first = min(errors)
-        raise AssertionError(f"rank {first} failed:\n{errors[first]}")
+        # Every failing rank: the first to fail is often not the lowest rank.
+        report = "\n".join(f"--- rank {r} failed:\n{errors[r]}" for r in sorted(errors))
+        raise AssertionError(report)
     return [results.get(r, errors.get(r)) for r in range(world_size)]

@@ -44,7 +44,7 @@ def config(prefix: str, run_dir: str, iters: int, **overrides):
 
 def losses(run_dir: str) -> list[float]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
 def full_grads(trainer) -> dict[str, np.ndarray]:

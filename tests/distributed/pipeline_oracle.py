@@ -1,0 +1,37 @@
+"""The sequential emulator fed with exactly what a distributed run trains on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_paci.data.sampler import build_pretraining_data_loader
+from megatron_paci.model.gpt import GPTModel, StageSpec
+from megatron_paci.pipeline.emulator import emulate
+from megatron_paci.pipeline.partition import partition_layers
+from megatron_paci.pipeline.traits import schedule_traits
+from megatron_paci.training.trainer import Trainer
+
+
+def emulated_losses(cfg, stages: int, data_parallel: int, windows: int) -> list[float]:
+    """Window losses of ``cfg``'s schedule on ``stages`` stages, in one process."""
+    one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pipeline=1,
+                                                                tensor=1))
+    ref = Trainer(one)  # dataset, tokenizer and vocabulary exactly as the real run
+    traits = schedule_traits(cfg.pipeline.schedule)
+    model_cfg = cfg.model
+    if stages > 1 and not traits.tied_embeddings_across_stages:
+        model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
+    models = []
+    for s, (first, last) in enumerate(partition_layers(cfg.model.num_layers, stages,
+                                                       cfg.pipeline.layers_per_stage)):
+        spec = StageSpec(first, last, s == 0, s == stages - 1)
+        models.append(GPTModel(model_cfg, ref.vocab_size, stage=spec, seed=cfg.train.seed))
+    tied = None
+    if stages > 1 and model_cfg.tie_embeddings:
+        tied = ("embedding.word_embeddings.weight", "output_layer.weight")
+    mbs = cfg.train.micro_batch_size
+    window = cfg.train.global_batch_size // (mbs * data_parallel)
+    # The dp ranks' j-th micro-batches together are one block of the sampler.
+    batches = iter(build_pretraining_data_loader(ref.train_ds, 0, mbs * data_parallel, 0, 1))
+    return emulate(cfg.pipeline.schedule, models, batches, window, windows, cfg.optim,
+                   cfg.train.iters, traits.global_step, tied)
