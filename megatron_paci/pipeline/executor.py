@@ -48,6 +48,11 @@ class Telemetry:
     events: list[tuple[str, int, float, float]] = field(default_factory=list)
     busy_s: float = 0.0
     wall_s: float = 0.0
+    kind_s: dict[str, float] = field(default_factory=lambda: {"F": 0.0, "B": 0.0, "S": 0.0})
+    kind_n: dict[str, int] = field(default_factory=lambda: {"F": 0, "B": 0, "S": 0})
+
+    def mean_ms(self, kind: str) -> float:
+        return 1000.0 * self.kind_s[kind] / max(1, self.kind_n[kind])
 
     def max_drift(self) -> int:
         """Most updates any micro-batch crossed between its forward and backward."""
@@ -144,6 +149,8 @@ class PipelineExecutor:
     def _event(self, kind: str, index: int, start: float) -> None:
         end = time.perf_counter()
         self.telemetry.busy_s += end - start
+        self.telemetry.kind_s[kind] += end - start
+        self.telemetry.kind_n[kind] += 1
         if self.record_events:
             self.telemetry.events.append((kind, index, start - self._t0, end - self._t0))
 

@@ -28,6 +28,17 @@ class ScheduleTraits:
     tied_embeddings_across_stages: bool
     stashes_weights: bool
 
+    def check(self, stages: int, window: int, distributed_optimizer: bool) -> None:
+        """Raise ValueError (naming the sizes) when this schedule cannot run the layout."""
+        if self.stashes_weights and window < stages - 1:
+            raise ValueError(
+                f"{self.title} needs m >= P-1: the window m = train.global_batch_size / "
+                f"(train.micro_batch_size x dp) = {window} < parallel.pipeline-1 = {stages - 1}")
+        if self.stashes_weights and distributed_optimizer:
+            raise ValueError(
+                f"pipeline.schedule={self.name} does not support "
+                "optim.distributed_optimizer=true (its weight stash needs whole parameters)")
+
     def make_policy(self, model: nn.Module, window: int,
                     accumulate: Callable[[nn.Parameter, torch.Tensor], None],
                     rebind: Callable[[], None]):

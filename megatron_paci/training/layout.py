@@ -58,14 +58,8 @@ def validate_layout(cfg: Config, world: int) -> int:
             f"stages ({traits.title}, parallel.pipeline={par.pipeline}); set "
             "model.tie_embeddings=false")
     window = t.global_batch_size // (t.micro_batch_size * dp)
-    if cfg.pipeline.schedule == "pipedream_2bw":
-        if window < par.pipeline - 1:
-            raise ParallelConfigError(
-                f"PipeDream-2BW needs m >= P-1: the window m = train.global_batch_size / "
-                f"(train.micro_batch_size x dp) = {window} < parallel.pipeline-1 = "
-                f"{par.pipeline - 1}")
-        if cfg.optim.distributed_optimizer:
-            raise ParallelConfigError(
-                "pipeline.schedule=pipedream_2bw does not support "
-                "optim.distributed_optimizer=true (its weight stash needs whole parameters)")
+    try:
+        traits.check(par.pipeline, window, cfg.optim.distributed_optimizer)
+    except ValueError as e:
+        raise ParallelConfigError(str(e)) from None
     return dp

@@ -11,11 +11,13 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_paci.checkpoint.format import (
     latest_checkpoint,
@@ -38,12 +40,19 @@ from megatron_paci.parallel.random import capture_rng, restore_rng, seed_everyth
 from megatron_paci.parallel.state import ParallelState, single_process
 from megatron_paci.pipeline.executor import PipelineExecutor
 from megatron_paci.pipeline.partition import partition_layers
+from megatron_paci.pipeline.schedules import Action
+from megatron_paci.pipeline.simulate import Timeline, draw
 from megatron_paci.pipeline.traits import schedule_traits
 from megatron_paci.tensor_parallel import model_parallel_seed
 from megatron_paci.training.flops import flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _clone_target(t: Any) -> Any:
@@ -389,19 +398,53 @@ class Trainer:
             with open(os.path.join(out, f"versions_stage{ps.pipeline_rank}.csv"), "w") as f:
                 f.write("stage,microbatch,version_forward,version_backward\n")
                 f.writelines(f"{s},{j},{vf},{vb}\n" for s, j, vf, vb in tel.rows())
-        if ps.pipeline_size == 1:
-            return
         mine = torch.tensor([float(tel.max_drift()), float(tel.peak_in_flight),
-                             float(tel.peak_versions)])
-        table = comm.all_gather(mine.reshape(1, 3), ps.pipeline_group, "pp").int().tolist()
-        drift = [r[0] for r in table]
-        in_flight = [r[1] for r in table]
-        if self.log_enabled:
-            self._print(f"pipeline {self.traits.title}: max updates crossed per stage {drift}, "
-                        f"peak in-flight micro-batches {in_flight}, peak weight versions "
-                        f"{[r[2] for r in table]}")
-            self.metrics.log({"iteration": self.progress.iteration, "max_drift": drift,
-                              "peak_in_flight": in_flight})
+                             float(tel.peak_versions), self.executor.measured_bubble(),
+                             peak_rss_mb(), tel.mean_ms("F"), tel.mean_ms("B"),
+                             tel.mean_ms("S")], dtype=torch.float64)
+        table = comm.all_gather(mine.reshape(1, -1), ps.pipeline_group, "pp").tolist()
+
+        def col(i: int, digits: int | None = None) -> list:
+            return [round(r[i], digits) if digits else int(r[i]) for r in table]
+
+        if not self.log_enabled:
+            return
+        if ps.pipeline_size > 1:
+            self._print(f"pipeline {self.traits.title}: max updates crossed per stage "
+                        f"{col(0)}, peak in-flight micro-batches {col(1)}, peak weight "
+                        f"versions {col(2)}, measured bubble {col(3, 3)}")
+        self.metrics.log({
+            "iteration": self.progress.iteration, "max_drift": col(0),
+            "peak_in_flight": col(1), "peak_weight_versions": col(2),
+            "bubble_per_stage": col(3, 4), "peak_rss_mb": col(4, 1),
+            "action_ms": {"F": col(5, 3), "B": col(6, 3), "S": col(7, 3)},
+        })
+
+    def _draw_measured_timeline(self) -> None:
+        """Every stage's recorded action times, drawn on the logging rank."""
+        ps = self.pstate
+        mine = self.executor.telemetry.events
+        if ps.pipeline_group is not None:
+            gathered: list = [None] * ps.pipeline_size
+            dist.all_gather_object(gathered, mine, group=ps.pipeline_group)
+        else:
+            gathered = [mine]
+        if not self.log_enabled:
+            return
+        events = [(s, Action(kind if kind != "S" else "STEP", index), t0, t1)
+                  for s, stage_events in enumerate(gathered)
+                  for kind, index, t0, t1 in stage_events]
+        t_min = min((e[2] for e in events), default=0.0)
+        events = sorted(((s, a, t0 - t_min, t1 - t_min) for s, a, t0, t1 in events),
+                        key=lambda e: (e[2], e[0]))
+        tl = Timeline(self.cfg.pipeline.schedule, ps.pipeline_size, self.num_micro_batches,
+                      self.progress.iteration, events)
+        out = os.path.join(self.cfg.run.dir, "pipeline")
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "timeline.png")
+        draw(tl, path, title=f"{self.traits.title} measured, P={ps.pipeline_size} "
+                             f"M={self.num_micro_batches} (seconds)")
+        self._print(f"measured pipeline timeline written to {path}")
 
     def _log_train(self, window, per_iter: float, tokens_per_iter: int, elapsed: float) -> None:
         p = self.progress
@@ -434,6 +477,8 @@ class Trainer:
                           "val_ppl": math.exp(min(loss, 20.0))})
 
     def finish(self) -> None:
+        if self.cfg.pipeline.timeline:
+            self._draw_measured_timeline()
         self.metrics.close()
         if not self.log_enabled:
             return

@@ -51,3 +51,46 @@ def test_data_parallel_size():
     cfg = load_config(None, ["parallel.tensor=2", "train.global_batch_size=32",
                              "train.micro_batch_size=4"])
     assert validate_layout(cfg, 8) == 4
+
+
+@pytest.mark.parametrize("overrides,world,needle", [
+    (["parallel.pipeline=5", "model.num_layers=4"], 5,
+     "parallel.pipeline=5 is larger than model.num_layers=4"),
+    (["parallel.pipeline=2", "model.num_layers=4", "pipeline.layers_per_stage=[1,2]"], 2,
+     "pipeline.layers_per_stage=[1, 2] covers 3 layers, model.num_layers=4"),
+    (["parallel.pipeline=2", "pipeline.layers_per_stage=[4]", "model.num_layers=4"], 2,
+     "has 1 entries, parallel.pipeline=2"),
+    (["parallel.pipeline=4", "model.num_layers=4", "pipeline.schedule=pipedream_2bw",
+      "train.global_batch_size=4", "train.micro_batch_size=2"], 4,
+     "needs m >= P-1: the window m = train.global_batch_size / (train.micro_batch_size x dp) "
+     "= 2 < parallel.pipeline-1 = 3"),
+    (["parallel.pipeline=2", "model.num_layers=4", "pipeline.schedule=pipedream_2bw",
+      "optim.distributed_optimizer=true"], 4, "does not support optim.distributed_optimizer"),
+    (["parallel.pipeline=2", "model.num_layers=4", "optim.distributed_optimizer=true"], 4,
+     "cannot keep the embedding tied across pipeline stages"),
+])
+def test_pipeline_layout_errors(overrides, world, needle):
+    with pytest.raises(ParallelConfigError) as e:
+        validate_layout(load_config(None, overrides), world)
+    assert needle in str(e.value)
+
+
+def test_unknown_schedule_lists_valid_ones():
+    from megatron_paci.config import ConfigError
+
+    with pytest.raises(ConfigError, match="1f1b_flush, pipedream_2bw, paci"):
+        load_config(None, ["pipeline.schedule=gpipe"])
+
+
+def test_config_and_pipeline_agree_on_schedule_names():
+    from megatron_paci.config.loader import SCHEDULES as CONFIG_SCHEDULES
+    from megatron_paci.pipeline.schedules import SCHEDULES
+
+    assert tuple(CONFIG_SCHEDULES) == tuple(SCHEDULES)
+
+
+def test_even_and_explicit_layer_split():
+    from megatron_paci.pipeline.partition import partition_layers
+
+    assert partition_layers(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert partition_layers(4, 2, [1, 3]) == [(0, 1), (1, 4)]
