@@ -2,8 +2,9 @@
 # The first README command: from a fresh machine to a trained tiny GPT on real text.
 #   installs the project, builds a small English corpus (Wikipedia lead sections
 #   and Python's documentation), trains a tokenizer, preprocesses into the
-#   indexed format, pretrains configs/tiny.yaml on the CPU, plots the loss and
-#   prints a generated sample. Extra arguments are config overrides, e.g.
+#   indexed format, pretrains a tiny GPT on the CPU with the PACI schedule on 2
+#   pipeline stages (2 processes), plots the loss, prints each stage's weight
+#   drift and a generated sample. Extra arguments are config overrides, e.g.
 #   bash scripts/quickstart.sh train.iters=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +32,14 @@ if [ ! -s "$DATA/corpus_text_document.idx" ]; then
     --append-eod --workers 2
 fi
 
-step "pretraining a tiny GPT (configs/tiny.yaml) into $RUN"
+step "pretraining a tiny GPT with PACI on 2 pipeline stages (configs/tiny_pipeline.yaml) into $RUN"
 rm -rf "$RUN"
-python3 pretrain_gpt.py --config configs/tiny.yaml run.dir="$RUN" \
+OMP_NUM_THREADS=1 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+  pretrain_gpt.py --config configs/tiny_pipeline.yaml run.dir="$RUN" \
   data.path="[$DATA/corpus_text_document]" data.tokenizer="$DATA/tokenizer.model" "$@"
+
+step "sampling from the trained model (the 2-stage checkpoint loads into one process)"
+python3 -m megatron_paci.training.generate --run-dir "$RUN" --prompt "The history of" \
+  --tokens 48
 
 step "done: loss curve in $RUN/loss.png, metrics in $RUN/metrics.jsonl"

@@ -37,3 +37,71 @@ def sample(
         ids.append(int(torch.multinomial(probs, 1, generator=gen)))
     model.train(was_training)
     return ids
+
+
+def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
+    """The newest checkpoint of ``run_dir`` as one whole model, whatever layout wrote it.
+
+    Parameter names are global, so a pipeline- or tensor-parallel checkpoint loads
+    into one process (DCP reshards); the vocabulary keeps the padding it was
+    trained with, and a head the schedule untied stays untied.
+    """
+    import dataclasses
+    import os
+
+    import yaml
+
+    from megatron_paci.checkpoint.format import latest_checkpoint, load_checkpoint, read_meta
+    from megatron_paci.config import config_from_dict
+    from megatron_paci.data.tokenizer import build_tokenizer
+    from megatron_paci.pipeline.traits import schedule_traits
+    from megatron_paci.training.trainer import resolve_vocab_size
+
+    path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint under {run_dir}/checkpoints")
+    meta = read_meta(path)
+    with open(os.path.join(path, "config.yaml")) as f:
+        cfg = config_from_dict(yaml.safe_load(f))
+    layout = meta.get("layout", {})
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    vocab = resolve_vocab_size(cfg, tokenizer.vocab_size, layout.get("tensor", 1))
+    model_cfg = cfg.model
+    if (layout.get("pipeline", 1) > 1 and model_cfg.tie_embeddings
+            and not schedule_traits(meta.get("schedule", "1f1b_flush"))
+            .tied_embeddings_across_stages):
+        model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
+    model = GPTModel(model_cfg, vocab, seed=cfg.train.seed)
+    load_checkpoint(path, {"model": model.state_dict()})
+    return model, tokenizer, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_paci.training.generate --run-dir DIR --prompt TEXT``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m megatron_paci.training.generate",
+                                description="Sample text from a run's newest checkpoint.")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer, path = load_for_generation(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = tokenizer.tokenize(args.prompt) if args.prompt else [tokenizer.eod]
+    out = sample(model, ids, args.tokens, args.temperature, args.top_k,
+                 vocab_limit=tokenizer.vocab_size, seed=args.seed)
+    text = tokenizer.detokenize(out if args.prompt else out[1:])
+    print(f"----- sample from {path} (prompt: {args.prompt!r}) -----\n{text}\n-----")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -485,7 +485,11 @@ class Trainer:
         self._print_loss_summary()
         if self.cfg.logging.plot:
             self.plot_losses()
-        if self.cfg.train.sample_tokens > 0 and self.pstate.pipeline_size == 1:
+        if self.cfg.train.sample_tokens > 0 and self.pstate.pipeline_size > 1:
+            self._print("sample: the model is split over pipeline stages; sample from the "
+                        "checkpoint with python -m megatron_paci.training.generate "
+                        f"--run-dir {self.cfg.run.dir}")
+        elif self.cfg.train.sample_tokens > 0:
             prompt = self.cfg.train.sample_prompt
             ids = self.tokenizer.tokenize(prompt) if prompt else [self.tokenizer.eod]
             out = sample(self.model, ids, self.cfg.train.sample_tokens,
