@@ -115,12 +115,14 @@ class PipelineExecutor:
     # --- point-to-point ------------------------------------------------------
 
     def _send(self, tensor: torch.Tensor, peer: int) -> None:
-        tensor = tensor.detach().contiguous()
+        # The wire format is fp32 (the agreed buffer dtype); the converted tensor is
+        # what must stay alive until the send completes.
+        tensor = tensor.detach().float().contiguous()
         if tensor.shape != self.shape:
             raise PipelineError(f"stage {self.stage}: sending shape {tuple(tensor.shape)}, "
                                 f"expected the agreed {self.shape}")
         comm.STATS.add("pp", tensor.numel() * tensor.element_size())
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor.float(), peer)])
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, peer)])
         self._pending_sends.extend((w, tensor) for w in works)
 
     def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
@@ -208,8 +210,10 @@ class PipelineExecutor:
         self.policy.after_step()
         self.telemetry.peak_versions = max(self.telemetry.peak_versions,
                                            self.policy.live_versions())
-        if not skipped:
-            self.lr_schedule.step()
+        # A skipped (non-finite) update still advances the LR schedule: under the
+        # asynchronous schedules each stage skips on its own, and the stages' LR
+        # schedules must stay aligned.
+        self.lr_schedule.step()
         self.optimizer.zero_grad()
         self._event("S", action.index, start)
         return norm, skipped
