@@ -94,6 +94,8 @@ class PipelineConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"  # auto | triton | torch | apex
+    overrides: list[str] = field(default_factory=list)  # per op, e.g. [layer_norm=torch]
+    parity_check: bool = True  # run each chosen kernel against its reference at start-up
 
 
 @dataclass

@@ -19,8 +19,8 @@ from torch import nn
 from megatron_paci.config.schema import ModelConfig
 from megatron_paci.model.transformer import (
     OUTPUT_PROJECTIONS,
+    LayerContext,
     RotaryEmbedding,
-    TPContext,
     TransformerLayer,
     make_layer_norm,
     output_projection_std,
@@ -32,7 +32,6 @@ from megatron_paci.tensor_parallel import (
     scatter_to_sequence_parallel_region,
     set_tp_attributes,
     shard_of,
-    vocab_parallel_cross_entropy,
 )
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
@@ -59,7 +58,7 @@ class StageSpec:
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPContext):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: LayerContext):
         super().__init__()
         self.tp = tp
         self.word_embeddings = VocabParallelEmbedding(vocab_size, cfg.hidden_size, group=tp.group)
@@ -91,13 +90,13 @@ class GPTModel(nn.Module):
         vocab_size: int,
         stage: StageSpec | None = None,
         seed: int = 1234,
-        tp: TPContext | None = None,
+        tp: LayerContext | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.stage = stage or StageSpec.whole(cfg.num_layers)
-        self.tp = tp or TPContext()
+        self.tp = tp or LayerContext()
         if vocab_size % self.tp.size:
             raise ValueError(f"padded vocabulary {vocab_size} is not divisible by "
                              f"parallel.tensor={self.tp.size}")
@@ -182,7 +181,7 @@ class GPTModel(nn.Module):
                                     self.tp.sequence_parallel)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.tp.group).t()
+        return self.tp.kernels.cross_entropy(logits, labels.t(), self.tp.group).t()
 
 
 def count_parameters(model: nn.Module) -> int:

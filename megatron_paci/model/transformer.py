@@ -9,13 +9,14 @@ linears; with ``group=None`` they are plain linears.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_paci.config.schema import ModelConfig
+from megatron_paci.kernels.dispatch import Kernels, reference_kernels
 from megatron_paci.tensor_parallel import (
     ColumnParallelLinear,
     RNGTracker,
@@ -29,14 +30,16 @@ def ffn_size(cfg: ModelConfig) -> int:
 
 
 @dataclass(frozen=True)
-class TPContext:
-    """What a layer needs to know about tensor parallelism."""
+class LayerContext:
+    """What a layer needs to know: its tensor-parallel group, and which kernel
+    implementation runs each fused op (kernels/dispatch.py)."""
 
     group: object | None = None
     size: int = 1
     rank: int = 0
     sequence_parallel: bool = False
     rng: RNGTracker | None = None
+    kernels: Kernels = field(default_factory=reference_kernels)
 
     def fork_rng(self):
         """Dropout inside the tp region draws from a per-tp-rank RNG."""
@@ -60,24 +63,30 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x``: [b, heads, s, d]; rotates the two halves of the head dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+class LayerNorm(nn.Module):
+    """LayerNorm through the dispatcher; parameters named as ``nn.LayerNorm``'s."""
+
+    def __init__(self, hidden: int, eps: float, ctx: LayerContext):
+        super().__init__()
+        self.eps = eps
+        self.kernels = ctx.kernels
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.bias = nn.Parameter(torch.zeros(hidden))
+        for p in (self.weight, self.bias):
+            # Replicated over tp; under sequence parallelism each rank sees part of
+            # the sequence, so its gradient is partial and must be summed over tp.
+            set_tp_attributes(p, None, sequence_parallel=ctx.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def make_layer_norm(cfg: ModelConfig, tp: TPContext) -> nn.LayerNorm:
-    ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-    for p in ln.parameters():
-        # Replicated over tp; under sequence parallelism each rank sees part of
-        # the sequence, so its gradient is partial and must be summed over tp.
-        set_tp_attributes(p, None, sequence_parallel=tp.sequence_parallel)
-    return ln
+def make_layer_norm(cfg: ModelConfig, ctx: LayerContext) -> LayerNorm:
+    return LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, ctx)
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext):
+    def __init__(self, cfg: ModelConfig, tp: LayerContext):
         super().__init__()
         if cfg.num_attention_heads % tp.size:
             raise ValueError(f"model.num_attention_heads={cfg.num_attention_heads} is not "
@@ -91,7 +100,8 @@ class SelfAttention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, group=tp.group,
                                         sequence_parallel=tp.sequence_parallel)
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, group=tp.group,
-                                      sequence_parallel=tp.sequence_parallel)
+                                      sequence_parallel=tp.sequence_parallel,
+                                      skip_bias_add=True)
 
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -101,7 +111,8 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(s, b, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 1, 2, 0, 4)  # each [b, heads, s, d]
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            rope = self.tp.kernels.rotary
+            q, k = rope(q.contiguous(), *rotary), rope(k.contiguous(), *rotary)
         with self.tp.fork_rng():
             out = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True,
@@ -112,43 +123,49 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext):
+    def __init__(self, cfg: ModelConfig, tp: LayerContext):
         super().__init__()
         if ffn_size(cfg) % tp.size:
             raise ValueError(f"FFN size {ffn_size(cfg)} is not divisible by "
                              f"parallel.tensor={tp.size}")
+        self.kernels = tp.kernels
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, ffn_size(cfg), group=tp.group,
-                                        sequence_parallel=tp.sequence_parallel)
+                                        sequence_parallel=tp.sequence_parallel,
+                                        skip_bias_add=True)
         self.fc2 = RowParallelLinear(ffn_size(cfg), cfg.hidden_size, group=tp.group,
-                                     sequence_parallel=tp.sequence_parallel)
+                                     sequence_parallel=tp.sequence_parallel,
+                                     skip_bias_add=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        """Output without fc2's bias: the caller fuses it with dropout and the residual."""
+        return self.fc2(self.kernels.bias_gelu(self.fc1(x), self.fc1.bias))
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext):
+    def __init__(self, cfg: ModelConfig, tp: LayerContext):
         super().__init__()
         self.tp = tp
         self.ln1 = make_layer_norm(cfg, tp)
         self.attn = SelfAttention(cfg, tp)
         self.ln2 = make_layer_norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
-    def _residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
+    def _bias_dropout_add(self, out: torch.Tensor, bias: torch.Tensor,
+                          residual: torch.Tensor) -> torch.Tensor:
         # With sequence parallelism each tp rank holds different tokens, so the
         # residual dropout masks must differ per rank; without it they must agree.
+        fused = self.tp.kernels.bias_dropout_add
         if self.tp.sequence_parallel:
             with self.tp.fork_rng():
-                return self.dropout(x)
-        return self.dropout(x)
+                return fused(out, bias, residual, self.dropout, self.training)
+        return fused(out, bias, residual, self.dropout, self.training)
 
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        x = x + self._residual_dropout(self.attn(self.ln1(x), rotary))
-        return x + self._residual_dropout(self.mlp(self.ln2(x)))
+        x = self._bias_dropout_add(self.attn(self.ln1(x), rotary), self.attn.proj.bias, x)
+        return self._bias_dropout_add(self.mlp(self.ln2(x)), self.mlp.fc2.bias, x)
 
 
 # Parameters whose output feeds the residual stream: Megatron scales their init

@@ -69,8 +69,11 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None,
-                 gather_output: bool = False, sequence_parallel: bool = False):
+                 gather_output: bool = False, sequence_parallel: bool = False,
+                 skip_bias_add: bool = False):
         super().__init__()
+        # skip_bias_add: the caller adds ``self.bias``, fused with what follows.
+        self.skip_bias_add = skip_bias_add
         self.group = group
         self.tp_size = comm.group_size(group)
         self.in_features = in_features
@@ -98,7 +101,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sequence_parallel_region(x, self.group)
         else:
             x = copy_to_tensor_parallel_region(x, self.group)
-        y = F.linear(x, w, self.bias)
+        y = F.linear(x, w, None if self.skip_bias_add else self.bias)
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.group)
         return y
@@ -118,8 +121,11 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None,
-                 input_is_parallel: bool = True, sequence_parallel: bool = False):
+                 input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 skip_bias_add: bool = False):
         super().__init__()
+        # skip_bias_add: the caller adds ``self.bias``, fused with what follows.
+        self.skip_bias_add = skip_bias_add
         self.group = group
         self.tp_size = comm.group_size(group)
         self.in_features = in_features
@@ -146,7 +152,7 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:
             y = reduce_from_tensor_parallel_region(y, self.group)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None or self.skip_bias_add else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -31,8 +31,10 @@ from megatron_paci.config.schema import Config
 from megatron_paci.data.gpt_dataset import build_gpt_datasets
 from megatron_paci.data.sampler import build_pretraining_data_loader
 from megatron_paci.data.tokenizer import build_tokenizer
+from megatron_paci.kernels.dispatch import select_kernels
+from megatron_paci.kernels.parity import Shapes, parity_check
 from megatron_paci.model.gpt import GPTModel, StageSpec, count_parameters, padded_vocab_size
-from megatron_paci.model.transformer import TPContext
+from megatron_paci.model.transformer import LayerContext
 from megatron_paci.optim.lr_schedule import LRSchedule
 from megatron_paci.optim.optimizer import Optimizer
 from megatron_paci.parallel import comm
@@ -138,8 +140,10 @@ class Trainer:
 
         seed_everything(t.seed)
         self.rng_tracker = model_parallel_seed(t.seed, ps.tensor_rank, ps.pipeline_rank)
-        tp = TPContext(group=ps.tensor_group, size=ps.tensor_size, rank=ps.tensor_rank,
-                       sequence_parallel=cfg.parallel.sequence_parallel, rng=self.rng_tracker)
+        self.kernels = select_kernels(cfg.kernels.backend, cfg.kernels.overrides, self.device)
+        tp = LayerContext(group=ps.tensor_group, size=ps.tensor_size, rank=ps.tensor_rank,
+                          sequence_parallel=cfg.parallel.sequence_parallel,
+                          rng=self.rng_tracker, kernels=self.kernels)
         self.traits = schedule_traits(cfg.pipeline.schedule)
         first, last = partition_layers(cfg.model.num_layers, ps.pipeline_size,
                                        cfg.pipeline.layers_per_stage)[ps.pipeline_rank]
@@ -179,10 +183,27 @@ class Trainer:
             record_events=cfg.pipeline.timeline,
             verify_versions=cfg.pipeline.verify_versions,
         )
+        self.parity_report = self._check_kernels() if cfg.kernels.parity_check else []
         self.progress = Progress()
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
         self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
         self.metrics = MetricsWriter(cfg, self.log_enabled)
+
+    def _check_kernels(self) -> list[str]:
+        """Run every chosen non-reference kernel once against its reference, on this
+        run's shapes, before training (raises KernelError on a mismatch)."""
+        cfg, ps = self.cfg, self.pstate
+        m = cfg.model
+        tp = ps.tensor_size
+        shapes = Shapes(
+            seq=m.seq_length, batch=cfg.train.micro_batch_size, hidden=m.hidden_size,
+            ffn=(m.ffn_hidden_size or 4 * m.hidden_size) // tp,
+            heads=m.num_attention_heads // tp, head_dim=m.hidden_size // m.num_attention_heads,
+            vocab=self.vocab_size // tp, vocab_start=ps.tensor_rank * self.vocab_size // tp,
+            vocab_total=self.vocab_size)
+        dtype = self.autocast_dtype or torch.float32
+        return parity_check(self.kernels, shapes, dtype, self.device, ps.tensor_group,
+                            seed=cfg.train.seed)
 
     # --- state -------------------------------------------------------------
 
@@ -249,11 +270,17 @@ class Trainer:
         self.progress = Progress(meta["iteration"], meta["consumed_samples"],
                                  meta.get("skipped_iters", 0))
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
-        self.policy.reset(self.lr_schedule.num_steps)
+        # Versions count every STEP, skipped or not: one per iteration.
+        self.policy.reset(self.progress.iteration)
         if "pipeline_stash" in tensors:
             self.policy.load_state_tensors(
                 {k: v.to_local() if hasattr(v, "to_local") else v
                  for k, v in tensors["pipeline_stash"].items()})
+        elif self.traits.stashes_weights and self.progress.iteration > 0:
+            # From another schedule's checkpoint: the older version starts equal to
+            # the loaded weights.
+            self.policy.load_state_tensors(
+                {n: p.detach().clone() for n, p in self.model.named_parameters()})
         rng = tensors[f"rng_rank{self.pstate.rank}"]
         restore_rng(rng)
         self.rng_tracker.set_states({k.removeprefix("tracker."): v for k, v in rng.items()
@@ -333,6 +360,10 @@ class Trainer:
                     f"padded vocab {self.vocab_size}, device {self.device}, precision "
                     f"{self.autocast_dtype or torch.float32}, {self.num_micro_batches} "
                     "micro-batches per iteration")
+        self._print(self.kernels.table())
+        if self.parity_report:
+            self._print("kernel parity check against the torch references passed:\n"
+                        + "\n".join(self.parity_report))
         if ps.pipeline_size > 1:
             self._print(f"pipeline: {self.traits.title}, {ps.pipeline_size} stages, window "
                         f"{self.num_micro_batches}; last stage holds layers "

@@ -1,0 +1,183 @@
+"""One dispatcher: which implementation runs each fused op, and why.
+
+``kernels.backend=auto|triton|torch|apex`` picks for every op; ``kernels.overrides``
+(``[layer_norm=torch, cross_entropy=triton]``) picks per op. ``auto`` means
+Triton on CUDA (when triton imports) and the torch reference elsewhere; apex
+is used only when asked for and importable. A backend that cannot run is
+refused before training with the op, the backend and the choices named.
+
+Every op has the same call signature in every backend, so the model calls
+``kernels.layer_norm(...)`` and never knows which one it got.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from megatron_paci.kernels import reference
+from megatron_paci.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+OPS = ("layer_norm", "rms_norm", "bias_gelu", "bias_dropout_add", "rotary", "cross_entropy")
+BACKENDS = ("auto", "torch", "triton", "apex")
+_TRITON_MODULES = {
+    "layer_norm": "megatron_paci.kernels.triton_norms",
+    "rms_norm": "megatron_paci.kernels.triton_norms",
+    "bias_gelu": "megatron_paci.kernels.triton_elementwise",
+    "bias_dropout_add": "megatron_paci.kernels.triton_elementwise",
+    "rotary": "megatron_paci.kernels.triton_elementwise",
+    "cross_entropy": "megatron_paci.kernels.triton_cross_entropy",
+}
+
+
+class KernelError(ValueError):
+    """A requested kernel backend cannot run here, or failed its parity check."""
+
+
+def _torch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None):
+    return vocab_parallel_cross_entropy(logits, target, group)
+
+
+def _torch_bias_dropout_add(x, bias, residual, p, training, seed=None):
+    return reference.bias_dropout_add(x, bias, residual, p, training)
+
+
+_TORCH: dict[str, Callable] = {
+    "layer_norm": reference.layer_norm,
+    "rms_norm": reference.rms_norm,
+    "bias_gelu": reference.bias_gelu,
+    "bias_dropout_add": _torch_bias_dropout_add,
+    "rotary": reference.rotary,
+    "cross_entropy": _torch_cross_entropy,
+}
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on ``device``, and why (not)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, "CUDA device"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "CPU through TRITON_INTERPRET=1"
+    return False, "no CUDA device and TRITON_INTERPRET is not 1"
+
+
+def apex_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("apex") is None:
+        return False, "NVIDIA apex is not installed"
+    try:
+        importlib.import_module("apex.normalization.fused_layer_norm")
+    except Exception as e:  # the PyPI package named apex is unrelated and lacks this
+        return False, f"apex is importable but has no fused layer norm ({type(e).__name__})"
+    return True, "apex installed"
+
+
+def _apex_impl(op: str) -> Callable | None:
+    if op not in ("layer_norm", "rms_norm"):
+        return None
+    fln = importlib.import_module("apex.normalization.fused_layer_norm")
+    if op == "layer_norm":
+        return lambda x, w, b, eps: fln.fused_layer_norm_affine(x, w, b, w.shape, eps)
+    return lambda x, w, eps: fln.fused_rms_norm_affine(x, w, w.shape, eps)
+
+
+@dataclass(frozen=True)
+class Choice:
+    op: str
+    backend: str
+    why: str
+
+
+class Kernels:
+    """The chosen implementation of every op (attributes named after the ops)."""
+
+    def __init__(self, choices: dict[str, Choice], fns: dict[str, Callable]):
+        self.choices = choices
+        for op, fn in fns.items():
+            setattr(self, op, fn)
+
+    def table(self) -> str:
+        width = max(len(op) for op in OPS)
+        lines = [f"  {'op':<{width}}  {'backend':<7}  why"]
+        lines += [f"  {c.op:<{width}}  {c.backend:<7}  {c.why}" for c in self.choices.values()]
+        return "kernels:\n" + "\n".join(lines)
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, str]:
+    out = {}
+    for item in overrides:
+        op, sep, backend = str(item).partition("=")
+        if not sep:
+            raise KernelError(f"kernels.overrides entry '{item}' must look like op=backend")
+        if op not in OPS:
+            raise KernelError(f"kernels.overrides: unknown op '{op}'; ops: {', '.join(OPS)}")
+        if backend not in BACKENDS:
+            raise KernelError(f"kernels.overrides: backend '{backend}' for op '{op}' is not one "
+                              f"of {', '.join(BACKENDS)}")
+        out[op] = backend
+    return out
+
+
+def _choices_text(device: torch.device) -> str:
+    t_ok, t_why = triton_status(device)
+    a_ok, a_why = apex_status()
+    return (f"choices: torch (always), triton ({'available' if t_ok else t_why}), "
+            f"apex ({'available' if a_ok else a_why})")
+
+
+def select_kernels(backend: str = "auto", overrides: list[str] | None = None,
+                   device: torch.device | None = None) -> Kernels:
+    """Resolve every op to one implementation; raise KernelError for one that cannot run."""
+    device = device or torch.device("cpu")
+    if backend not in BACKENDS:
+        raise KernelError(f"kernels.backend='{backend}' is not one of {', '.join(BACKENDS)}")
+    per_op = _parse_overrides(overrides or [])
+    t_ok, t_why = triton_status(device)
+    a_ok, a_why = apex_status()
+    choices: dict[str, Choice] = {}
+    fns: dict[str, Callable] = {}
+    for op in OPS:
+        asked = per_op.get(op, backend)
+        source = "override" if op in per_op else "kernels.backend"
+        if asked == "auto":
+            if device.type == "cuda" and t_ok:
+                choice = Choice(op, "triton", "auto: CUDA device, triton available")
+            else:
+                reason = "no CUDA device" if device.type != "cuda" else t_why
+                choice = Choice(op, "torch", f"auto: {reason}")
+        elif asked == "triton":
+            if not t_ok:
+                raise KernelError(f"kernel op '{op}': backend 'triton' ({source}) cannot run: "
+                                  f"{t_why}; {_choices_text(device)}")
+            choice = Choice(op, "triton", f"{source}: {t_why}")
+        elif asked == "apex":
+            if not a_ok:
+                raise KernelError(f"kernel op '{op}': backend 'apex' ({source}) cannot run: "
+                                  f"{a_why}; {_choices_text(device)}")
+            if _apex_impl(op) is None:
+                raise KernelError(f"kernel op '{op}': apex has no fused '{op}'; apex covers "
+                                  "layer_norm and rms_norm")
+            choice = Choice(op, "apex", f"{source}: {a_why}")
+        else:
+            choice = Choice(op, "torch", f"{source}: reference implementation")
+        choices[op] = choice
+        fns[op] = _implementation(op, choice.backend)
+    return Kernels(choices, fns)
+
+
+def _implementation(op: str, backend: str) -> Callable:
+    if backend == "torch":
+        return _TORCH[op]
+    if backend == "apex":
+        return _apex_impl(op)
+    return getattr(importlib.import_module(_TRITON_MODULES[op]), op)
+
+
+def reference_kernels() -> Kernels:
+    """Every op on the torch reference (the default for models built without a config)."""
+    return select_kernels("torch")

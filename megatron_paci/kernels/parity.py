@@ -1,0 +1,97 @@
+"""Start-up parity check: every non-reference kernel against its reference, on the
+run's real shapes and dtype, forward and backward, before any training step.
+
+A kernel that disagrees stops the run (KernelError) instead of training a
+model silently wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from megatron_paci.kernels.dispatch import _TORCH, OPS, KernelError, Kernels
+
+
+@dataclass(frozen=True)
+class Shapes:
+    seq: int
+    batch: int
+    hidden: int
+    ffn: int  # per tensor-parallel rank
+    heads: int  # per tensor-parallel rank
+    head_dim: int
+    vocab: int  # per tensor-parallel rank
+    vocab_start: int = 0
+    vocab_total: int = 0
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+
+
+def _cases(s: Shapes, dtype: torch.dtype, device: torch.device, group,
+           gen: torch.Generator) -> dict[str, tuple[tuple, list[int]]]:
+    """Per op: (arguments, indices of the arguments whose gradients are compared)."""
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+
+    x = rnd(s.seq, s.batch, s.hidden)
+    w, b = rnd(s.hidden, dt=torch.float32) + 1.0, rnd(s.hidden, dt=torch.float32)
+    half = s.head_dim // 2
+    angles = torch.outer(torch.arange(s.seq, dtype=torch.float32),
+                         torch.rand(half, generator=gen))
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(device)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(device)
+    vocab_total = s.vocab_total or s.vocab
+    target = torch.randint(0, vocab_total, (s.seq, s.batch), generator=gen).to(device)
+    return {
+        "layer_norm": ((x, w, b, 1e-5), [0, 1, 2]),
+        "rms_norm": ((x, w, 1e-5), [0, 1]),
+        "bias_gelu": ((rnd(s.seq, s.batch, s.ffn), rnd(s.ffn, dt=torch.float32)), [0, 1]),
+        "bias_dropout_add": ((rnd(s.seq, s.batch, s.hidden), rnd(s.hidden, dt=torch.float32),
+                              rnd(s.seq, s.batch, s.hidden, dt=torch.float32), 0.0, True),
+                             [0, 1, 2]),
+        "rotary": ((rnd(s.batch, s.heads, s.seq, s.head_dim), cos, sin), [0]),
+        "cross_entropy": ((rnd(s.seq, s.batch, s.vocab, scale=2.0), target, group), [0]),
+    }
+
+
+def _run(fn: Callable, args: tuple, grad_idx: list[int], gen: torch.Generator):
+    args = tuple(a.detach().clone().requires_grad_(i in grad_idx)
+                 if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for i, a in enumerate(args))
+    out = fn(*args)
+    g = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+    out.backward(g)
+    return [out.detach().float()] + [args[i].grad.float() for i in grad_idx]
+
+
+def parity_check(kernels: Kernels, shapes: Shapes, dtype: torch.dtype, device: torch.device,
+                 group=None, seed: int = 0) -> list[str]:
+    """Compare each non-torch kernel with its reference; one line per op checked."""
+    report = []
+    for op in OPS:
+        choice = kernels.choices[op]
+        if choice.backend == "torch":
+            continue
+        gen = torch.Generator().manual_seed(seed)
+        args, grad_idx = _cases(shapes, dtype, device, group, gen)[op]
+        got = _run(getattr(kernels, op), args, grad_idx, torch.Generator().manual_seed(seed))
+        want = _run(_TORCH[op], args, grad_idx, torch.Generator().manual_seed(seed))
+        names = ["output"] + [f"grad[{i}]" for i in grad_idx]
+        tol = _tolerance(dtype)
+        worst = 0.0
+        for name, a, b in zip(names, got, want, strict=True):
+            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+            worst = max(worst, err)
+            if not err <= tol:
+                raise KernelError(
+                    f"kernel parity check failed: op '{op}' ({choice.backend}) {name} differs "
+                    f"from the torch reference by {err:.2e} (relative to its max; allowed "
+                    f"{tol:.0e}) on shape {tuple(args[0].shape)} {dtype}; choose another "
+                    f"backend with kernels.overrides=[{op}=torch]")
+        report.append(f"  {op:<16} {choice.backend:<7} max relative error {worst:.1e}")
+    return report
