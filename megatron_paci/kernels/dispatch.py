@@ -38,7 +38,8 @@ class KernelError(ValueError):
     """A requested kernel backend cannot run here, or failed its parity check."""
 
 
-def _torch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None):
+def _torch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None,
+                         inplace_backward: bool = False):
     return vocab_parallel_cross_entropy(logits, target, group)
 
 

@@ -181,7 +181,10 @@ class GPTModel(nn.Module):
                                     self.tp.sequence_parallel)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        return self.tp.kernels.cross_entropy(logits, labels.t(), self.tp.group).t()
+        # Nothing else holds the logits, so a fused kernel may write their gradient
+        # into their own storage (one logits-sized buffer at the peak).
+        return self.tp.kernels.cross_entropy(logits, labels.t(), self.tp.group,
+                                             inplace_backward=True).t()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,15 +3,18 @@
 - A run stopped at a drain (train.exit_interval) and relaunched continues with
   the same version rule: its losses equal a run that drained (checkpointed) at
   the same iteration without stopping, bit for bit, for every schedule.
-- The checkpoint of a 2-stage run loads into one process for generation.
+- The checkpoint of a 2-stage run loads into one process for generation, and a
+  PACI checkpoint resumes as PipeDream-2BW.
 - A stage that dies makes the other exit with an error naming the stage and
   the action it was waiting on.
 """
 
 import os
+import shutil
 import time
 
 import numpy as np
+import torch
 from launcher import spawn
 from parallel_equality import losses, make_dataset, train
 from test_pipeline_training import SCHEDULES, pipeline_config
@@ -34,6 +37,15 @@ def _resume_runs(rank, world, prefix, root):
         trainer = train(resumed, pstate)  # relaunch: resumes at 3
         params[schedule] = {n: p.detach().numpy().copy()
                             for n, p in trainer.model.named_parameters()}
+    # A run can change schedule across a resume: PACI's checkpoint continues as 2BW.
+    if rank == 0:
+        shutil.copytree(os.path.join(root, "paci", "straight"), os.path.join(root, "switch"))
+    torch.distributed.barrier()
+    switched = pipeline_config(prefix, os.path.join(root, "switch"),
+                               "pipedream_2bw", 2, **{"train.iters": 9,
+                                                      "checkpoint.load": True,
+                                                      "pipeline.verify_versions": False})
+    train(switched, pstate)
     return params
 
 
@@ -55,6 +67,8 @@ def test_resume_at_a_drain_is_exact_and_checkpoint_loads_in_one_process(tmp_path
                 if name in whole:
                     np.testing.assert_array_equal(whole[name].detach().numpy(), value)
         assert ("output_layer.weight" in whole) == (schedule != "1f1b_flush")
+    switched = losses(os.path.join(root, "switch"))
+    assert len(switched) == 9 and switched[:6] == losses(os.path.join(root, "paci", "resumed"))
 
 
 def _stage_dies(rank, world, prefix, run_dir):
