@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -52,6 +53,7 @@ class Run:
     f_ms: list[float]
     b_ms: list[float]
     s_ms: list[float]
+    other_cores: float  # CPU used by processes other than this run, in cores (contention)
 
 
 # --------------------------------------------------------------------------------------
@@ -87,6 +89,22 @@ def ensure_data(work: Path, fresh: bool = False) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, by this process's waited-for children).
+
+    The difference over a run is what other processes took from the two cores; the
+    machine is shared, so each run reports it rather than hiding the noise.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan"), 0.0
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy / os.sysconf("SC_CLK_TCK"), kids.ru_utime + kids.ru_stime
+
+
 def train_once(args: argparse.Namespace, schedule: str, m: int, rnd: int, data: tuple[str, str],
                work: Path) -> Run:
     """Launch one P=2 training run through torchrun and read its metrics.jsonl."""
@@ -113,8 +131,10 @@ def train_once(args: argparse.Namespace, schedule: str, m: int, rnd: int, data: 
            "--nproc_per_node", str(P), "pretrain_gpt.py", "--config", args.config, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run_dir.mkdir(parents=True)
+    (busy0, kids0), t0 = cpu_seconds(), time.perf_counter()
     with open(run_dir / "stdout.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    (busy1, kids1), wall = cpu_seconds(), time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (run_dir / "stdout.log").read_text().splitlines()[-30:]
         raise RuntimeError(f"{schedule} M={m} failed (rc {proc.returncode}):\n" + "\n".join(tail))
@@ -126,7 +146,8 @@ def train_once(args: argparse.Namespace, schedule: str, m: int, rnd: int, data: 
                tokens_per_s=statistics.median(r["tokens_per_s"] for r in iters),
                ms_per_iter=statistics.median(r["ms_per_iter"] for r in iters),
                bubble=drain["bubble_per_stage"], rss_mb=drain["peak_rss_mb"],
-               f_ms=ms["F"], b_ms=ms["B"], s_ms=ms["S"])  # fmt: skip
+               f_ms=ms["F"], b_ms=ms["B"], s_ms=ms["S"],
+               other_cores=max(0.0, (busy1 - busy0) - (kids1 - kids0)) / wall)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -206,12 +227,14 @@ def measured_section(runs: list[Run], args: argparse.Namespace) -> tuple[str, di
                 pair([r.tokens_per_s for r in mine], "{:.0f}"),
                 f"{statistics.median(r.tokens_per_s for r in mine):.0f}",
                 pair(ratios), f"{want:.2f}", f"{ratio / want:.0%}",
+                pair([r.other_cores for r in mine]),
                 stage_means(mine, "bubble", "{:.2f}"), stage_means(mine, "rss_mb"),
                 stage_means(mine, "f_ms"), stage_means(mine, "b_ms"), stage_means(mine, "s_ms"),
             ])  # fmt: skip
     head = ["M", "schedule", "tokens/s per round", "median tokens/s", "ratio vs flush per round",
-            "ideal ratio", "of ideal (median)", "bubble s0 / s1", "peak RSS MB s0 / s1",
-            "F ms s0 / s1", "B ms s0 / s1", "STEP ms s0 / s1"]  # fmt: skip
+            "ideal ratio", "of ideal (median)", "other load (cores) per round",
+            "bubble s0 / s1", "peak RSS MB s0 / s1", "F ms s0 / s1", "B ms s0 / s1",
+            "STEP ms s0 / s1"]  # fmt: skip
     return table(head, rows), verdict
 
 
@@ -235,9 +258,13 @@ def projection_section(runs: list[Run], args: argparse.Namespace) -> str:
                                      if r.micro_batches == m and r.schedule == "1f1b_flush")
         sim_flush = window_time("1f1b_flush", P, m,
                                 [Costs(c.forward, c.backward, c.step, p2p) for c in per_stage])
+        # What the measured stage imbalance and step cost alone allow (no p2p latency).
+        best = (window_time("1f1b_flush", P, m, per_stage)
+                / window_time("paci", P, m, per_stage))
         check.append(f"M={m}: PACI window {paci_ms:.1f} ms measured -> p2p {p2p:.2f} ms; "
                      f"flush window {flush_ms:.1f} ms measured, {sim_flush:.1f} ms simulated "
-                     "with that p2p")  # fmt: skip
+                     f"with that p2p; with the measured per-stage costs and p2p=0 the best "
+                     f"PACI/flush is {best:.2f}")  # fmt: skip
     p2p = mean(fits)
     uni = Costs(mean([c.forward for c in per_stage]), mean([c.backward for c in per_stage]),
                 mean([c.step for c in per_stage]), p2p)
@@ -264,8 +291,10 @@ def projection_section(runs: list[Run], args: argparse.Namespace) -> str:
     intro = (
         "Projection from the P=2 costs above, not a measurement. Every stage is assumed to "
         f"cost the measured mean stage: F {uni.forward:.1f} ms, B {uni.backward:.1f} ms, "
-        f"local STEP {uni.step:.1f} ms per action; p2p {p2p:.2f} ms is fitted so that the "
-        "simulated P=2 PACI window matches the measured one (" + "; ".join(check) + "). "
+        f"local STEP {uni.step:.1f} ms per action; p2p {p2p:.2f} ms per hop is fitted so that "
+        "the simulated P=2 PACI window matches the measured one (" + "; ".join(check) + "), "
+        "so it holds everything outside F/B/STEP on the critical path: gloo send/recv, data "
+        "loading, Python between actions, and time lost to other processes on the cores. "
         "Columns without 'p2p=0' use the fitted p2p. Bubble is the steady-state idle share "
         "(fill and drain of the whole run excluded); ratios are steady-state throughput "
         "relative to 1F1B-flush; ideal is (M+P-1)/M. 2BW needs M >= P-1 ('-' otherwise); PACI "
@@ -302,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for s in SCHEDULES:
                     r = train_once(args, s, m, rnd, data, work)
                     print(f"M={m} round {rnd} {s:14s} {r.tokens_per_s:8.0f} tokens/s "
-                          f"{r.ms_per_iter:7.1f} ms/iter", flush=True)
+                          f"{r.ms_per_iter:7.1f} ms/iter, other load {r.other_cores:.2f} cores",
+                          flush=True)
                     runs.append(r)
     finally:
         if not args.keep_runs:
@@ -317,7 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(first {args.warmup} left out), {args.rounds} interleaved rounds, one thread per "
         "process. Tokens/s is the median over iterations; ratios are taken against the flush "
         "run of the same round. Bubble, RSS and action times are per stage, averaged over "
-        "rounds; a flush STEP includes waiting in the global grad-norm all-reduce.",
+        "rounds; a flush STEP starts after a pipeline barrier, so waiting for the slowest "
+        "stage counts as idle. 'Other load' is the CPU that processes outside the run used "
+        "meanwhile, in cores out of 2: "
+        "rounds well above 0 were disturbed.",
         "",
         measured,
         "",

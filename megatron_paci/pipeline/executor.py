@@ -202,8 +202,11 @@ class PipelineExecutor:
 
     def _step(self, action: Action) -> tuple[float, bool]:
         if self.global_step:
-            # The flush is a global barrier: every stage's sends of this window land first.
+            # The flush is a global barrier: every stage's sends of this window land
+            # first, and the wait for the slowest stage is idle time, not step time.
             self._drain_sends()
+            if self.pstate.pipeline_group is not None:
+                dist.barrier(group=self.pstate.pipeline_group)
         start = time.perf_counter()
         self.policy.before_step()
         norm, skipped = self.optimizer.step(self.lr_schedule.lr)

@@ -110,3 +110,11 @@ def test_four_stages_fewer_microbatches_than_stages(dataset, tmp_path):
     schedules = ("1f1b_flush", "paci")
     res = spawn(_run, 4, args=(dataset, str(tmp_path), 4, 1, extra, schedules), timeout=300)
     _check(res, dataset, tmp_path, 4, schedules=schedules, **extra)
+
+
+def test_paci_with_dp2_and_zero1_matches_emulator(dataset, tmp_path):
+    """PACI steps each stage on its own; ZeRO-1 shards that step over the stage's dp group."""
+    zero = {"optim.distributed_optimizer": True}
+    res = spawn(_run, 4, args=(dataset, str(tmp_path), 2, 1, {"dp": 2, **zero}, ("paci",)),
+                timeout=300)
+    _check(res, dataset, tmp_path, 2, dp=2, schedules=("paci",), **zero)
