@@ -105,23 +105,14 @@ def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
     return (out, work) if async_op else out
 
 
-def broadcast(t: torch.Tensor, src: int, group, kind: str) -> None:
-    n = group_size(group)
-    if n == 1:
-        return
-    if dist.get_rank() == src:
-        STATS.add(kind, (n - 1) * _nbytes(t))
-    dist.broadcast(t, src=src, group=group)
+def post_send(t: torch.Tensor, peer: int, kind: str = "pp") -> list:
+    """Post an asynchronous point-to-point send; the caller keeps ``t`` alive and
+    waits on the returned works before reusing or dropping it."""
+    STATS.add(kind, _nbytes(t))
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer)])
 
 
-def batch_send_recv(sends: list[tuple[torch.Tensor, int]],
-                    recvs: list[tuple[torch.Tensor, int]], kind: str = "pp") -> None:
-    """Post every send and receive together (batched isend/irecv) and wait for all."""
-    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
-    for t, _ in sends:
-        STATS.add(kind, _nbytes(t))
-    if not ops:
-        return
-    for work in dist.batch_isend_irecv(ops):
+def recv(buf: torch.Tensor, peer: int) -> None:
+    """Blocking point-to-point receive into ``buf`` (batched irecv, then wait)."""
+    for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, peer)]):
         work.wait()

@@ -121,15 +121,12 @@ class PipelineExecutor:
         if tensor.shape != self.shape:
             raise PipelineError(f"stage {self.stage}: sending shape {tuple(tensor.shape)}, "
                                 f"expected the agreed {self.shape}")
-        comm.STATS.add("pp", tensor.numel() * tensor.element_size())
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, peer)])
-        self._pending_sends.extend((w, tensor) for w in works)
+        self._pending_sends.extend((w, tensor) for w in comm.post_send(tensor, peer, "pp"))
 
     def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         try:
-            for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, peer)]):
-                work.wait()
+            comm.recv(buf, peer)
         except Exception as e:  # gloo: peer closed or timed out
             peer_stage = self.pstate.pipeline_ranks.index(peer)
             raise PipelineError(
