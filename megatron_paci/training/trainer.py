@@ -141,10 +141,21 @@ class Trainer:
         seed_everything(t.seed)
         self.rng_tracker = model_parallel_seed(t.seed, ps.tensor_rank, ps.pipeline_rank)
         self.kernels = select_kernels(cfg.kernels.backend, cfg.kernels.overrides, self.device)
-        tp = LayerContext(group=ps.tensor_group, size=ps.tensor_size, rank=ps.tensor_rank,
-                          sequence_parallel=cfg.parallel.sequence_parallel,
-                          rng=self.rng_tracker, kernels=self.kernels)
         self.traits = schedule_traits(cfg.pipeline.schedule)
+        self._build_stage()
+        self.parity_report = self._check_kernels() if cfg.kernels.parity_check else []
+        self.progress = Progress()
+        self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
+        self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
+        self.metrics = MetricsWriter(cfg, self.log_enabled)
+
+    def _build_stage(self) -> None:
+        """This rank's model stage, its optimizer and LR schedule, the schedule's
+        weight-version policy and the executor that runs it all."""
+        cfg, ps, t = self.cfg, self.pstate, self.cfg.train
+        ctx = LayerContext(group=ps.tensor_group, size=ps.tensor_size, rank=ps.tensor_rank,
+                           sequence_parallel=cfg.parallel.sequence_parallel,
+                           rng=self.rng_tracker, kernels=self.kernels)
         first, last = partition_layers(cfg.model.num_layers, ps.pipeline_size,
                                        cfg.pipeline.layers_per_stage)[ps.pipeline_rank]
         self.stage = StageSpec(first, last, ps.is_first_stage, ps.is_last_stage)
@@ -155,7 +166,7 @@ class Trainer:
             model_cfg = dataclasses.replace(cfg.model, tie_embeddings=False)
         self.model_cfg = model_cfg
         self.model = GPTModel(model_cfg, self.vocab_size, stage=self.stage, seed=t.seed,
-                              tp=tp).to(self.device)
+                              tp=ctx).to(self.device)
         tied = None
         if (ps.pipeline_size > 1 and model_cfg.tie_embeddings
                 and (self.stage.pre_process or self.stage.post_process)):
@@ -183,11 +194,6 @@ class Trainer:
             record_events=cfg.pipeline.timeline,
             verify_versions=cfg.pipeline.verify_versions,
         )
-        self.parity_report = self._check_kernels() if cfg.kernels.parity_check else []
-        self.progress = Progress()
-        self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
-        self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
-        self.metrics = MetricsWriter(cfg, self.log_enabled)
 
     def _check_kernels(self) -> list[str]:
         """Run every chosen non-reference kernel once against its reference, on this
@@ -489,7 +495,8 @@ class Trainer:
             "consumed_samples": p.consumed_samples,
             "ms_per_iter": per_iter * 1000.0,
             "tokens_per_s": tokens_per_s,
-            "tflops": tokens_per_s * self.flops_per_token / 1e12,
+            # Per GPU (per process), as Megatron reports it.
+            "tflops": tokens_per_s * self.flops_per_token / 1e12 / self.pstate.world_size,
             "grad_norm": window[-1][1],
             "bubble_fraction": self.executor.measured_bubble(),
             "skipped_iters": p.skipped_iters,
