@@ -50,14 +50,25 @@ def emulate(
     total_iters: int,
     global_clip: bool,
     tied: tuple[str, str] | None = None,
+    segments: list[int] | None = None,
 ) -> list[float]:
     """Mean loss per window. ``batches`` yields the whole (all dp ranks) micro-batch j.
 
     ``tied`` names the first stage's embedding and the last stage's output
     weight when they are tied copies whose gradients are summed (1F1B-flush).
+    ``segments`` are the windows between drains (evaluation, checkpoints): each
+    starts with a fresh warm-up, which changes the versions PACI's forwards see.
     """
     P = len(stages)
-    versions = [schedule_versions(schedule, P, s, window, num_windows) for s in range(P)]
+    segments = segments or [num_windows]
+    if sum(segments) != num_windows:
+        raise ValueError(f"segments {segments} do not add up to {num_windows} windows")
+    versions: list[dict[int, tuple[int, int]]] = [{} for _ in range(P)]
+    first = 1
+    for n in segments:
+        for s in range(P):
+            versions[s].update(schedule_versions(schedule, P, s, window, n, first))
+        first += n
     history = [{0: _snapshot(m)} for m in stages]  # stage -> version -> weights
     optimizers = [build_adamw([(n, p) for n, p in m.named_parameters()], optim_cfg)
                   for m in stages]

@@ -12,7 +12,8 @@ from megatron_paci.pipeline.traits import schedule_traits
 from megatron_paci.training.trainer import Trainer
 
 
-def emulated_losses(cfg, stages: int, data_parallel: int, windows: int) -> list[float]:
+def emulated_losses(cfg, stages: int, data_parallel: int, windows: int,
+                    segments: list[int] | None = None) -> list[float]:
     """Window losses of ``cfg``'s schedule on ``stages`` stages, in one process."""
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pipeline=1,
                                                                 tensor=1))
@@ -34,4 +35,4 @@ def emulated_losses(cfg, stages: int, data_parallel: int, windows: int) -> list[
     # The dp ranks' j-th micro-batches together are one block of the sampler.
     batches = iter(build_pretraining_data_loader(ref.train_ds, 0, mbs * data_parallel, 0, 1))
     return emulate(cfg.pipeline.schedule, models, batches, window, windows, cfg.optim,
-                   cfg.train.iters, traits.global_step, tied)
+                   cfg.train.iters, traits.global_step, tied, segments)

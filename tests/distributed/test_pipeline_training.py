@@ -49,7 +49,8 @@ def dataset(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("pp")))
 
 
-def _check(results, dataset, tmp_path, stages, dp=1, schedules=SCHEDULES, **extra):
+def _check(results, dataset, tmp_path, stages, dp=1, schedules=SCHEDULES, segments=None,
+           **extra):
     logging = [r for r in results if r[schedules[0]]["losses"] is not None]
     assert len(logging) == 1
     errors = {}
@@ -57,7 +58,7 @@ def _check(results, dataset, tmp_path, stages, dp=1, schedules=SCHEDULES, **extr
         got = np.array(logging[0][schedule]["losses"])
         cfg = pipeline_config(dataset, str(tmp_path / f"emu_{schedule}"), schedule, stages,
                               **({"dp": dp} if dp > 1 else {}), **extra)
-        want = np.array(emulated_losses(cfg, stages, dp, WINDOWS))
+        want = np.array(emulated_losses(cfg, stages, dp, WINDOWS, segments))
         assert len(got) == WINDOWS
         errors[schedule] = float((np.abs(got - want) / np.abs(want)).max())
     assert max(errors.values()) < 1e-5, errors
@@ -118,3 +119,11 @@ def test_paci_with_dp2_and_zero1_matches_emulator(dataset, tmp_path):
     res = spawn(_run, 4, args=(dataset, str(tmp_path), 2, 1, {"dp": 2, **zero}, ("paci",)),
                 timeout=300)
     _check(res, dataset, tmp_path, 2, dp=2, schedules=("paci",), **zero)
+
+
+def test_drains_for_evaluation_keep_each_schedules_rule(dataset, tmp_path):
+    """Evaluation every 3 windows drains the pipeline (segments 3, 3, 3, 1): the run still
+    equals the emulator run over the same segments, for every schedule."""
+    extra = {"train.eval_interval": 3, "train.eval_iters": 1}
+    res = spawn(_run, 2, args=(dataset, str(tmp_path), 2, 1, extra), timeout=300)
+    _check(res, dataset, tmp_path, 2, segments=[3, 3, 3, 1], **extra)
