@@ -67,9 +67,8 @@ def full_grads(trainer) -> dict[str, np.ndarray]:
         g = data[start:start + n].view_as(p)
         dim = getattr(p, "tensor_parallel_dim", None)
         if dim is not None and ps.tensor_size > 1:
+            # Replicated parameters' gradients are identical on every tp rank already.
             g = comm.all_gather(g.contiguous(), ps.tensor_group, "test", dim=dim)
-        elif getattr(p, "sequence_parallel", False) is False and ps.tensor_size > 1:
-            pass  # replicated: identical on every tp rank
         out[name] = g.detach().numpy().copy()
     return out
 
