@@ -50,7 +50,7 @@ def dataset(tmp_path_factory):
 
 
 def _check(results, dataset, tmp_path, stages, dp=1, schedules=SCHEDULES, segments=None,
-           **extra):
+           windows=WINDOWS, **extra):
     logging = [r for r in results if r[schedules[0]]["losses"] is not None]
     assert len(logging) == 1
     errors = {}
@@ -58,8 +58,8 @@ def _check(results, dataset, tmp_path, stages, dp=1, schedules=SCHEDULES, segmen
         got = np.array(logging[0][schedule]["losses"])
         cfg = pipeline_config(dataset, str(tmp_path / f"emu_{schedule}"), schedule, stages,
                               **({"dp": dp} if dp > 1 else {}), **extra)
-        want = np.array(emulated_losses(cfg, stages, dp, WINDOWS, segments))
-        assert len(got) == WINDOWS
+        want = np.array(emulated_losses(cfg, stages, dp, windows, segments))
+        assert len(got) == windows
         errors[schedule] = float((np.abs(got - want) / np.abs(want)).max())
     assert max(errors.values()) < 1e-5, errors
     window = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
@@ -127,3 +127,11 @@ def test_drains_for_evaluation_keep_each_schedules_rule(dataset, tmp_path):
     extra = {"train.eval_interval": 3, "train.eval_iters": 1}
     res = spawn(_run, 2, args=(dataset, str(tmp_path), 2, 1, extra), timeout=300)
     _check(res, dataset, tmp_path, 2, segments=[3, 3, 3, 1], **extra)
+
+
+def test_tp2_dp2_pp2_all_together(dataset, tmp_path):
+    """8 processes: tensor, data and pipeline parallelism at once, every schedule, against
+    the emulator (fewer windows: this is the deadlock and composition check)."""
+    res = spawn(_run, 8, args=(dataset, str(tmp_path), 2, 2, {"dp": 2, "train.iters": 3}),
+                timeout=400)
+    _check(res, dataset, tmp_path, 2, dp=2, windows=3, **{"train.iters": 3})
