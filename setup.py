@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     # torch and triton are pinned exactly: a range lets pip pull a multi-GB CUDA
     # build of torch on a CPU machine. NVIDIA apex is optional and detected at run
-    # time; never list "apex" (the PyPI package of that name is unrelated).
+    # time and never listed here (the PyPI package of that name is unrelated).
     install_requires=[
         "torch==2.13.0",
         "triton==3.7.1; platform_system == 'Linux'",
