@@ -24,8 +24,7 @@ class Shapes:
     heads: int  # per tensor-parallel rank
     head_dim: int
     vocab: int  # per tensor-parallel rank
-    vocab_start: int = 0
-    vocab_total: int = 0
+    vocab_total: int = 0  # targets are drawn over the whole (padded) vocabulary
 
 
 def _tolerance(dtype: torch.dtype) -> float:

@@ -153,23 +153,31 @@ class PipelineExecutor:
         if self.record_events:
             self.telemetry.events.append((kind, index, start - self._t0, end - self._t0))
 
-    def _forward(self, action: Action, batches: Iterator | None, in_flight: dict,
-                 losses: dict[int, float], scale: float) -> None:
-        j = action.index
+    def _inputs(self, action: Action, batches: Iterator | None, what: str) -> dict:
+        """This stage's forward arguments for micro-batch ``action.index``: tokens on the
+        first stage, labels on the last, the previous stage's activations elsewhere."""
         tokens = labels = hidden = None
         if self.first or self.last:
             batch = next(batches)["tokens"].to(self.device, non_blocking=True)
             tokens, labels = batch[:, :-1], batch[:, 1:]
         if not self.first:
-            hidden = self._recv(self.prev_rank, f"activations of micro-batch {j}", action)
+            hidden = self._recv(self.prev_rank, f"{what} of micro-batch {action.index}", action)
+        return {"tokens": tokens if self.first else None, "hidden": hidden,
+                "labels": labels if self.last else None}
+
+    def _forward(self, action: Action, batches: Iterator | None, in_flight: dict,
+                 losses: dict[int, float], scale: float) -> None:
+        j = action.index
+        inputs = self._inputs(action, batches, "activations")
+        hidden = inputs["hidden"]
+        if hidden is not None:
             hidden.requires_grad_(True)
         start = time.perf_counter()
         self.telemetry.versions[j] = [self.policy.forward_version(j), -1]
         if self.verify_versions:
             self.telemetry.checksums[j] = [self.policy.checksum(j)]
         with self.autocast():
-            out = self.policy.forward(j, tokens=tokens if self.first else None, hidden=hidden,
-                                      labels=labels if self.last else None)
+            out = self.policy.forward(j, **inputs)
         if self.last:
             loss = out.float().mean()
             losses[j] = loss.item()
@@ -262,17 +270,9 @@ class PipelineExecutor:
         """Evaluation pass through the pipeline; the mean loss on the last stage."""
         total, count = 0.0, 0
         for j in range(1, num_microbatches + 1):
-            action = Action("F", j)
-            tokens = labels = hidden = None
-            if self.first or self.last:
-                batch = next(batches)["tokens"].to(self.device, non_blocking=True)
-                tokens, labels = batch[:, :-1], batch[:, 1:]
-            if not self.first:
-                hidden = self._recv(self.prev_rank, f"eval activations of micro-batch {j}",
-                                    action)
+            inputs = self._inputs(Action("F", j), batches, "eval activations")
             with self.autocast():
-                out = self.model(tokens=tokens if self.first else None, hidden=hidden,
-                                 labels=labels if self.last else None)
+                out = self.model(**inputs)
             if self.last:
                 total += out.float().mean().item()
                 count += 1

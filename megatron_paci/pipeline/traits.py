@@ -6,12 +6,14 @@ schedule's name.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from megatron_paci.config.schema import ModelConfig
 from megatron_paci.pipeline.schedules import SCHEDULES
 from megatron_paci.pipeline.versions import LiveWeights, TwoVersionStash
 
@@ -38,6 +40,13 @@ class ScheduleTraits:
             raise ValueError(
                 f"pipeline.schedule={self.name} does not support "
                 "optim.distributed_optimizer=true (its weight stash needs whole parameters)")
+
+    def stage_model_config(self, model: ModelConfig, stages: int) -> ModelConfig:
+        """The model config a stage is built with: a tied head becomes untied when the
+        stages cannot keep the two copies in sync (the asynchronous schedules)."""
+        if stages > 1 and model.tie_embeddings and not self.tied_embeddings_across_stages:
+            return dataclasses.replace(model, tie_embeddings=False)
+        return model
 
     def make_policy(self, model: nn.Module, window: int,
                     accumulate: Callable[[nn.Parameter, torch.Tensor], None],

@@ -46,7 +46,6 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
     into one process (DCP reshards); the vocabulary keeps the padding it was
     trained with, and a head the schedule untied stays untied.
     """
-    import dataclasses
     import os
 
     import yaml
@@ -66,11 +65,8 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
     layout = meta.get("layout", {})
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = resolve_vocab_size(cfg, tokenizer.vocab_size, layout.get("tensor", 1))
-    model_cfg = cfg.model
-    if (layout.get("pipeline", 1) > 1 and model_cfg.tie_embeddings
-            and not schedule_traits(meta.get("schedule", "1f1b_flush"))
-            .tied_embeddings_across_stages):
-        model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
+    model_cfg = schedule_traits(meta.get("schedule", "1f1b_flush")).stage_model_config(
+        cfg.model, layout.get("pipeline", 1))
     model = GPTModel(model_cfg, vocab, seed=cfg.train.seed)
     load_checkpoint(path, {"model": model.state_dict()})
     return model, tokenizer, path

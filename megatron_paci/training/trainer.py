@@ -7,7 +7,6 @@ All input checks (data files, tokenizer vs model vocabulary, sizes) happen in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -159,12 +158,8 @@ class Trainer:
         first, last = partition_layers(cfg.model.num_layers, ps.pipeline_size,
                                        cfg.pipeline.layers_per_stage)[ps.pipeline_rank]
         self.stage = StageSpec(first, last, ps.is_first_stage, ps.is_last_stage)
-        model_cfg = cfg.model
-        self.untied_for_pipeline = (ps.pipeline_size > 1 and cfg.model.tie_embeddings
-                                    and not self.traits.tied_embeddings_across_stages)
-        if self.untied_for_pipeline:
-            model_cfg = dataclasses.replace(cfg.model, tie_embeddings=False)
-        self.model_cfg = model_cfg
+        model_cfg = self.traits.stage_model_config(cfg.model, ps.pipeline_size)
+        self.untied_for_pipeline = model_cfg.tie_embeddings != cfg.model.tie_embeddings
         self.model = GPTModel(model_cfg, self.vocab_size, stage=self.stage, seed=t.seed,
                               tp=ctx).to(self.device)
         tied = None
@@ -205,8 +200,7 @@ class Trainer:
             seq=m.seq_length, batch=cfg.train.micro_batch_size, hidden=m.hidden_size,
             ffn=(m.ffn_hidden_size or 4 * m.hidden_size) // tp,
             heads=m.num_attention_heads // tp, head_dim=m.hidden_size // m.num_attention_heads,
-            vocab=self.vocab_size // tp, vocab_start=ps.tensor_rank * self.vocab_size // tp,
-            vocab_total=self.vocab_size)
+            vocab=self.vocab_size // tp, vocab_total=self.vocab_size)
         dtype = self.autocast_dtype or torch.float32
         return parity_check(self.kernels, shapes, dtype, self.device, ps.tensor_group,
                             seed=cfg.train.seed)

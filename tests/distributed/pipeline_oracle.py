@@ -19,9 +19,7 @@ def emulated_losses(cfg, stages: int, data_parallel: int, windows: int,
                                                                 tensor=1))
     ref = Trainer(one)  # dataset, tokenizer and vocabulary exactly as the real run
     traits = schedule_traits(cfg.pipeline.schedule)
-    model_cfg = cfg.model
-    if stages > 1 and not traits.tied_embeddings_across_stages:
-        model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
+    model_cfg = traits.stage_model_config(cfg.model, stages)
     models = []
     for s, (first, last) in enumerate(partition_layers(cfg.model.num_layers, stages,
                                                        cfg.pipeline.layers_per_stage)):
