@@ -79,7 +79,7 @@ def model_config(smoke: bool) -> ModelConfig:
 def build(cfg: ModelConfig, vocab: int, device: torch.device, kernels: Kernels
           ) -> tuple[GPTModel, Optimizer]:
     model = GPTModel(cfg, vocab, seed=1234, tp=LayerContext(kernels=kernels)).to(device)
-    return model, Optimizer(model, OptimConfig(), single_process())
+    return model, Optimizer(model, OptimConfig(), single_process(), kernels=kernels)
 
 
 def train_step(model: GPTModel, optimizer: Optimizer, batches: list[tuple[torch.Tensor, ...]],
@@ -123,8 +123,10 @@ def _is_oom(e: BaseException) -> bool:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 steps")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "apex"),
                    help="kernels.backend (auto: Triton on CUDA)")
+    p.add_argument("--override", action="append", default=[], metavar="OP=BACKEND",
+                   help="kernels.overrides entry, e.g. adamw=apex (repeatable)")
     p.add_argument("--micro-batch", type=int, default=8,
                    help="first micro-batch size tried; halved on out-of-memory")
     p.add_argument("--micro-batches", type=int, default=None,
@@ -162,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vocab = padded_vocab_size(GPT2_VOCAB if not args.smoke else 500,
                               cfg.make_vocab_size_divisible_by)
     try:
-        kernels = select_kernels(args.backend, [], device)
+        kernels = select_kernels(args.backend, args.override, device)
     except KernelError as e:
         print(f"bench_mfu: {e}", file=sys.stderr)
         return 2

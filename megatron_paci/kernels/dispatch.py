@@ -6,8 +6,15 @@ Triton on CUDA (when triton imports) and the torch reference elsewhere; apex
 is used only when asked for and importable. A backend that cannot run is
 refused before training with the op, the backend and the choices named.
 
+Not every backend has every op (``COVERS``): Triton has no AdamW, apex only its
+fused norms and FusedAdam. A whole-run ``kernels.backend`` falls back to ``auto``
+for an op it lacks, and says so in the table; an override naming a backend
+that lacks the op is refused.
+
 Every op has the same call signature in every backend, so the model calls
-``kernels.layer_norm(...)`` and never knows which one it got.
+``kernels.layer_norm(...)`` and never knows which one it got. ``adamw`` is the
+one op that is a builder: ``kernels.adamw(param_groups, lr, betas, eps)``
+returns the optimizer that ``optim/`` drives.
 """
 
 from __future__ import annotations
@@ -22,8 +29,21 @@ import torch
 from megatron_paci.kernels import reference
 from megatron_paci.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
-OPS = ("layer_norm", "rms_norm", "bias_gelu", "bias_dropout_add", "rotary", "cross_entropy")
+OPS = ("layer_norm", "rms_norm", "bias_gelu", "bias_dropout_add", "rotary", "cross_entropy",
+       "adamw")
 BACKENDS = ("auto", "torch", "triton", "apex")
+COVERS = {
+    "torch": OPS,
+    "triton": tuple(op for op in OPS if op != "adamw"),
+    "apex": ("layer_norm", "rms_norm", "adamw"),
+}
+# The compiled extension each apex op needs: a Python-only apex build imports
+# fine but fails at the first call, so availability is decided by these.
+_APEX_EXTENSIONS = {
+    "layer_norm": ("apex.normalization.fused_layer_norm", "fused_layer_norm_cuda"),
+    "rms_norm": ("apex.normalization.fused_layer_norm", "fused_layer_norm_cuda"),
+    "adamw": ("apex.optimizers", "amp_C"),
+}
 _TRITON_MODULES = {
     "layer_norm": "megatron_paci.kernels.triton_norms",
     "rms_norm": "megatron_paci.kernels.triton_norms",
@@ -47,6 +67,14 @@ def _torch_bias_dropout_add(x, bias, residual, p, training, seed=None):
     return reference.bias_dropout_add(x, bias, residual, p, training)
 
 
+def _torch_adamw(param_groups: list[dict], lr: float, betas: tuple[float, float],
+                 eps: float) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW``; its fused multi-tensor kernel on CUDA."""
+    on_cuda = any(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps,
+                             fused=True if on_cuda else None)
+
+
 _TORCH: dict[str, Callable] = {
     "layer_norm": reference.layer_norm,
     "rms_norm": reference.rms_norm,
@@ -54,6 +82,7 @@ _TORCH: dict[str, Callable] = {
     "bias_dropout_add": _torch_bias_dropout_add,
     "rotary": reference.rotary,
     "cross_entropy": _torch_cross_entropy,
+    "adamw": _torch_adamw,
 }
 
 
@@ -68,19 +97,29 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     return False, "no CUDA device and TRITON_INTERPRET is not 1"
 
 
-def apex_status() -> tuple[bool, str]:
+def apex_status(op: str = "layer_norm") -> tuple[bool, str]:
+    """Whether NVIDIA apex can run ``op`` here, and why (not)."""
     if importlib.util.find_spec("apex") is None:
         return False, "NVIDIA apex is not installed"
+    module, extension = _APEX_EXTENSIONS.get(op, _APEX_EXTENSIONS["layer_norm"])
     try:
-        importlib.import_module("apex.normalization.fused_layer_norm")
+        importlib.import_module(module)
     except Exception as e:  # the PyPI package named apex is unrelated and lacks this
-        return False, f"apex is importable but has no fused layer norm ({type(e).__name__})"
+        return False, f"apex is importable but has no {module} ({type(e).__name__})"
+    if importlib.util.find_spec(extension) is None:
+        return False, f"apex was built without its CUDA extension {extension}"
     return True, "apex installed"
 
 
-def _apex_impl(op: str) -> Callable | None:
-    if op not in ("layer_norm", "rms_norm"):
-        return None
+def _apex_impl(op: str) -> Callable:
+    if op == "adamw":
+        fused_adam = importlib.import_module("apex.optimizers").FusedAdam
+
+        def build(param_groups, lr, betas, eps):
+            # adam_w_mode: decoupled weight decay, the arithmetic of torch's AdamW.
+            return fused_adam(param_groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True,
+                              bias_correction=True)
+        return build
     fln = importlib.import_module("apex.normalization.fused_layer_norm")
     if op == "layer_norm":
         return lambda x, w, b, eps: fln.fused_layer_norm_affine(x, w, b, w.shape, eps)
@@ -124,11 +163,25 @@ def _parse_overrides(overrides: list[str]) -> dict[str, str]:
     return out
 
 
-def _choices_text(device: torch.device) -> str:
+def _choices_text(op: str, device: torch.device) -> str:
     t_ok, t_why = triton_status(device)
-    a_ok, a_why = apex_status()
-    return (f"choices: torch (always), triton ({'available' if t_ok else t_why}), "
-            f"apex ({'available' if a_ok else a_why})")
+    a_ok, a_why = apex_status(op)
+    parts = ["torch (always)"]
+    if op in COVERS["triton"]:
+        parts.append(f"triton ({'available' if t_ok else t_why})")
+    if op in COVERS["apex"]:
+        parts.append(f"apex ({'available' if a_ok else a_why})")
+    return "choices: " + ", ".join(parts)
+
+
+def _auto(op: str, device: torch.device, t_ok: bool, t_why: str, prefix: str = "") -> Choice:
+    if op in COVERS["triton"] and device.type == "cuda" and t_ok:
+        return Choice(op, "triton", f"{prefix}auto: CUDA device, triton available")
+    if op not in COVERS["triton"]:
+        reason = "torch's fused AdamW on CUDA" if device.type == "cuda" else "no CUDA device"
+    else:
+        reason = "no CUDA device" if device.type != "cuda" else t_why
+    return Choice(op, "torch", f"{prefix}auto: {reason}")
 
 
 def select_kernels(backend: str = "auto", overrides: list[str] | None = None,
@@ -139,30 +192,30 @@ def select_kernels(backend: str = "auto", overrides: list[str] | None = None,
         raise KernelError(f"kernels.backend='{backend}' is not one of {', '.join(BACKENDS)}")
     per_op = _parse_overrides(overrides or [])
     t_ok, t_why = triton_status(device)
-    a_ok, a_why = apex_status()
     choices: dict[str, Choice] = {}
     fns: dict[str, Callable] = {}
     for op in OPS:
         asked = per_op.get(op, backend)
         source = "override" if op in per_op else "kernels.backend"
-        if asked == "auto":
-            if device.type == "cuda" and t_ok:
-                choice = Choice(op, "triton", "auto: CUDA device, triton available")
-            else:
-                reason = "no CUDA device" if device.type != "cuda" else t_why
-                choice = Choice(op, "torch", f"auto: {reason}")
+        if asked != "auto" and op not in COVERS[asked]:
+            if source == "override":
+                raise KernelError(f"kernel op '{op}': backend '{asked}' (override) has no "
+                                  f"'{op}'; {asked} covers {', '.join(COVERS[asked])}; "
+                                  f"{_choices_text(op, device)}")
+            choice = _auto(op, device, t_ok, t_why, prefix=f"kernels.backend={asked} has no "
+                                                           f"{op}, so ")
+        elif asked == "auto":
+            choice = _auto(op, device, t_ok, t_why)
         elif asked == "triton":
             if not t_ok:
                 raise KernelError(f"kernel op '{op}': backend 'triton' ({source}) cannot run: "
-                                  f"{t_why}; {_choices_text(device)}")
+                                  f"{t_why}; {_choices_text(op, device)}")
             choice = Choice(op, "triton", f"{source}: {t_why}")
         elif asked == "apex":
+            a_ok, a_why = apex_status(op)
             if not a_ok:
                 raise KernelError(f"kernel op '{op}': backend 'apex' ({source}) cannot run: "
-                                  f"{a_why}; {_choices_text(device)}")
-            if _apex_impl(op) is None:
-                raise KernelError(f"kernel op '{op}': apex has no fused '{op}'; apex covers "
-                                  "layer_norm and rms_norm")
+                                  f"{a_why}; {_choices_text(op, device)}")
             choice = Choice(op, "apex", f"{source}: {a_why}")
         else:
             choice = Choice(op, "torch", f"{source}: reference implementation")

@@ -68,6 +68,23 @@ def _run(fn: Callable, args: tuple, grad_idx: list[int], gen: torch.Generator):
     return [out.detach().float()] + [args[i].grad.float() for i in grad_idx]
 
 
+def _adamw_steps(build: Callable, shapes: Shapes, device: torch.device, seed: int,
+                 steps: int = 3) -> list[torch.Tensor]:
+    """Parameters after a few AdamW steps on fixed gradients, one decayed group and one
+    not (the optimizer's real grouping), fp32 as the optimizer keeps them."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shapes.hidden, shapes.ffn, generator=gen).to(device)
+    b = torch.randn(shapes.ffn, generator=gen).to(device)
+    grads = [(torch.randn(w.shape, generator=gen).to(device),
+              torch.randn(b.shape, generator=gen).to(device)) for _ in range(steps)]
+    opt = build([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+                lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for gw, gb in grads:
+        w.grad, b.grad = gw, gb
+        opt.step()
+    return [w, b]
+
+
 def parity_check(kernels: Kernels, shapes: Shapes, dtype: torch.dtype, device: torch.device,
                  group=None, seed: int = 0) -> list[str]:
     """Compare each non-torch kernel with its reference; one line per op checked."""
@@ -75,6 +92,19 @@ def parity_check(kernels: Kernels, shapes: Shapes, dtype: torch.dtype, device: t
     for op in OPS:
         choice = kernels.choices[op]
         if choice.backend == "torch":
+            continue
+        if op == "adamw":
+            got = _adamw_steps(kernels.adamw, shapes, device, seed)
+            want = _adamw_steps(_TORCH["adamw"], shapes, device, seed)
+            worst = max(((a - b).abs().max() / b.abs().max()).item()
+                        for a, b in zip(got, want, strict=True))
+            if not worst <= 1e-5:
+                raise KernelError(
+                    f"kernel parity check failed: op 'adamw' ({choice.backend}) parameters "
+                    f"after 3 steps differ from torch.optim.AdamW by {worst:.2e} (relative to "
+                    f"their max; allowed 1e-05); choose another backend with "
+                    f"kernels.overrides=[adamw=torch]")
+            report.append(f"  {op:<16} {choice.backend:<7} max relative error {worst:.1e}")
             continue
         gen = torch.Generator().manual_seed(seed)
         args, grad_idx = _cases(shapes, dtype, device, group, gen)[op]

@@ -8,11 +8,13 @@ change of stage split or of the order parameters are registered in.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from megatron_paci.config.schema import OptimConfig
+from megatron_paci.kernels.dispatch import Kernels, reference_kernels
 from megatron_paci.optim.distributed_optimizer import DistributedOptimizer
 from megatron_paci.optim.grad_sync import GradBuffer
 from megatron_paci.parallel import comm
@@ -24,8 +26,13 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2
 
 
-def build_adamw(named: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Plain ``torch.optim.AdamW`` over Megatron's decay groups (fused on CUDA)."""
+AdamWBuilder = Callable[[list[dict], float, tuple[float, float], float], torch.optim.Optimizer]
+
+
+def build_adamw(named: list[tuple[str, torch.Tensor]], cfg: OptimConfig,
+                builder: AdamWBuilder | None = None) -> torch.optim.Optimizer:
+    """AdamW over Megatron's decay groups, built by the kernel dispatcher's choice
+    (``torch.optim.AdamW``, fused on CUDA, unless ``kernels`` picked apex's FusedAdam)."""
     decay, no_decay = [], []
     for name, p in named:
         (no_decay if no_weight_decay(name, p) else decay).append(p)
@@ -33,14 +40,14 @@ def build_adamw(named: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torc
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    on_cuda = any(p.is_cuda for _, p in named)
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        fused=True if on_cuda else None,
-    )
+    builder = builder or reference_kernels().adamw
+    return builder([g for g in groups if g["params"]], cfg.lr,
+                   (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps)
+
+
+def _steps_per_group(optimizer: torch.optim.Optimizer) -> bool:
+    # torch's AdamW keeps a step count per parameter; apex's FusedAdam one per group.
+    return not isinstance(optimizer, torch.optim.AdamW)
 
 
 def _counted_once(p: torch.Tensor, tensor_rank: int) -> bool:
@@ -58,7 +65,7 @@ class Optimizer:
     """
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, pstate: ParallelState,
-                 clip_across_pipeline: bool = True):
+                 clip_across_pipeline: bool = True, kernels: Kernels | None = None):
         self.cfg = cfg
         self.pstate = pstate
         # 1F1B-flush clips by the norm over every stage; the asynchronous
@@ -75,7 +82,14 @@ class Optimizer:
         self.tied_embedding: torch.Tensor | None = None
         self.distributed: DistributedOptimizer | None = None
         self.adamw: torch.optim.Optimizer | None = None
+        kernels = kernels or reference_kernels()
         if cfg.distributed_optimizer:
+            if kernels.choices["adamw"].backend != "torch":
+                raise ValueError(
+                    "optim.distributed_optimizer=true runs its own sharded AdamW, so kernel op "
+                    f"'adamw' cannot be {kernels.choices['adamw'].backend} "
+                    f"({kernels.choices['adamw'].why}); set kernels.overrides=[adamw=torch] "
+                    "or optim.distributed_optimizer=false")
             self.distributed = DistributedOptimizer(
                 self.named, self.grad_buffer, pstate.data_group, lr=cfg.lr,
                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -87,7 +101,7 @@ class Optimizer:
             # parameter's autograd version counter: a backward still pending
             # (PACI's live weights) sees the new values instead of failing.
             self.aliases = [(n, p.data) for n, p in self.named]
-            self.adamw = build_adamw(self.aliases, cfg)
+            self.adamw = build_adamw(self.aliases, cfg, kernels.adamw)
 
     def tie_across_stages(self, param: torch.Tensor) -> None:
         """``param`` is this stage's copy of an embedding tied between the first and
@@ -178,9 +192,12 @@ class Optimizer:
         return optimizer_state_by_name(self.aliases, self.adamw, create=create)
 
     def load_state_by_name(self, state: dict[str, torch.Tensor]) -> None:
-        """Only needed by the sharded path; the plain path is loaded in place."""
+        """The plain path's tensors are loaded in place; the sharded path copies them
+        in, and an optimizer counting steps per group takes its count from them."""
         if self.distributed is not None:
             self.distributed.load_state_by_name(state)
+        elif _steps_per_group(self.adamw):
+            load_group_steps(self.aliases, self.adamw, state)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -199,15 +216,39 @@ def optimizer_state_by_name(
 
     With ``create``, missing state is allocated (zeros) first, so that a
     checkpoint loader can fill the tensors in place.
+
+    An optimizer that counts steps per group (apex's FusedAdam) gets a ``step``
+    tensor per parameter all the same, filled from its group, so checkpoints have
+    one format whichever AdamW wrote them.
     """
+    per_group = _steps_per_group(optimizer)
+    group_step = {id(p): g.get("step", 0) for g in optimizer.param_groups for p in g["params"]}
     flat: dict[str, torch.Tensor] = {}
     for name, p in named:
         state = optimizer.state[p]
         if create and not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            if not per_group:
+                state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if per_group and "exp_avg" in state:
+            # A copy, not the optimizer's own: ``load_state_by_name`` reads it back.
+            flat[f"{name}.step"] = torch.tensor(float(group_step[id(p)]))
         for key in STATE_KEYS:
             if key in state:
                 flat[f"{name}.{key}"] = state[key]
     return flat
+
+
+def load_group_steps(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+                     state: dict[str, torch.Tensor]) -> None:
+    """Set each group's step count from the loaded per-parameter ``step`` tensors."""
+    name_of = {id(p): n for n, p in named}
+    for group in optimizer.param_groups:
+        steps = {int(state[f"{name_of[id(p)]}.step"].item()) for p in group["params"]
+                 if f"{name_of[id(p)]}.step" in state}
+        if len(steps) > 1:
+            raise ValueError(f"optimizer checkpoint: parameters of one group disagree on the "
+                             f"step count: {sorted(steps)}")
+        if steps:
+            group["step"] = steps.pop()

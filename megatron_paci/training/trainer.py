@@ -171,7 +171,8 @@ class Trainer:
                     else self.model.output_layer.weight)
             tied.pipeline_shared_copy = not self.stage.pre_process
         self.optimizer = Optimizer(self.model, cfg.optim, ps,
-                                   clip_across_pipeline=self.traits.global_step)
+                                   clip_across_pipeline=self.traits.global_step,
+                                   kernels=self.kernels)
         self.lr_schedule = LRSchedule(cfg.optim, t.iters)
         self.policy = self.traits.make_policy(self.model, self.num_micro_batches,
                                               self.optimizer.grad_buffer.accumulate,

@@ -93,3 +93,36 @@ def test_torchrun_tensor_and_data_parallel(text_dataset, tmp_path):
         key = "comm_bytes_tp" if name == "tp" else "comm_bytes_dp"
         assert all(row[key] > 0 for row in rows if "loss" in row)
         assert r.stdout.count(" iteration        3/       3 |") == 1  # one logging rank
+
+
+def test_apex_backend_trains_and_resumes_like_torch(text_dataset, tmp_path):
+    """``kernels.backend=apex`` with apex importable (tests/fake_apex stands in for it):
+    the start-up table names apex for its ops, and a run stopped and resumed on apex's
+    FusedAdam follows torch's AdamW (a lost step count would change the resumed steps'
+    bias correction and show here)."""
+    prefix, tok = text_dataset
+    with_apex = {"PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "fake_apex")])}
+    reference = tmp_path / "torch"
+    r = run_cli(["pretrain_gpt.py", *tiny_overrides(prefix, tok, reference)])
+    assert r.returncode == 0, r.stderr
+
+    run = tmp_path / "apex"
+    cmd = ["pretrain_gpt.py", *tiny_overrides(prefix, tok, run, **{
+        "kernels.backend": "apex", "train.exit_interval": 4})]
+    r1 = run_cli(cmd, env=with_apex)
+    assert r1.returncode == 0, r1.stderr
+    table = r1.stdout.split("kernels:")[1]
+    for op in ("layer_norm", "rms_norm", "adamw"):
+        assert f"  {op:<16}  apex     kernels.backend: apex installed" in table, table
+    assert "  bias_gelu         torch    kernels.backend=apex has no bias_gelu" in table
+    r2 = run_cli(cmd, env=with_apex)
+    assert r2.returncode == 0, r2.stderr
+    assert "resumed from" in r2.stdout
+
+    a, b = losses(reference)[0], losses(run)[0]
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for i in a:
+        assert abs(a[i] - b[i]) <= 1e-5 * abs(a[i]), (i, a[i], b[i])

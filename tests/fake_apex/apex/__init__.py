@@ -1,0 +1,1 @@
+"""Test stand-in for NVIDIA apex (see tests/fake_apex/README.md)."""
