@@ -13,6 +13,15 @@ import torch.nn.functional as F
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                eps: float) -> torch.Tensor:
+    """Output in ``x``'s dtype, as the Triton and apex kernels give it.
+
+    bf16 ``x`` with fp32 weights (outside autocast, as the parity check calls it) is
+    normalised in fp32: CUDA's layer_norm refuses mixed dtypes where the CPU's accepts
+    them.
+    """
+    if x.dtype != weight.dtype:
+        return F.layer_norm(x.float(), (x.shape[-1],), weight.float(),
+                            None if bias is None else bias.float(), eps).to(x.dtype)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 

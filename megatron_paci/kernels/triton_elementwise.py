@@ -25,9 +25,12 @@ __all__ = ["bias_gelu", "bias_dropout_add", "rotary"]
 # enough that the interpreter (tests on CPU) runs only a handful of programs.
 _MAX_BLOCK_N = 1024
 _TILE_ELEMS = 4096
-# Upper bound on row groups for the dbias partial sums: keeps the fp32 scratch small
-# (groups x n) while leaving enough programs to fill a GPU.
-_MAX_ROW_GROUPS = 256
+# Programs for the backward kernels with a dbias reduction (row groups x column
+# blocks): a few per SM on a GPU, so enough bytes are in flight to keep a memory-bound
+# kernel near copy bandwidth, and few enough that the fp32 partial sums (groups x n)
+# stay a small fraction of the traffic. On the CPU (interpreter) a fixed cap.
+_PROGRAMS_PER_SM = 4
+_CPU_MAX_PROGRAMS = 256
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -48,10 +51,17 @@ def _tiles(m: int, n: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-def _row_groups(m: int, block_m: int, n_col_blocks: int) -> tuple[int, int]:
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return _CPU_MAX_PROGRAMS
+
+
+def _row_groups(m: int, block_m: int, n_col_blocks: int,
+                device: torch.device) -> tuple[int, int]:
     """(groups, row blocks per group) for the backward kernels with a dbias reduction."""
     row_blocks = triton.cdiv(max(m, 1), block_m)
-    max_groups = max(1, _MAX_ROW_GROUPS // n_col_blocks)
+    max_groups = max(1, _max_programs(device) // n_col_blocks)
     per_group = triton.cdiv(row_blocks, min(row_blocks, max_groups))
     return triton.cdiv(row_blocks, per_group), per_group
 
@@ -146,7 +156,7 @@ class _BiasGelu(torch.autograd.Function):
         dx = torch.empty_like(x2)
         bm, bn = _tiles(m, n)
         n_col = triton.cdiv(n, bn)
-        groups, per_group = _row_groups(m, bm, n_col)
+        groups, per_group = _row_groups(m, bm, n_col, g.device)
         part = torch.empty((groups, n), dtype=torch.float32, device=x2.device)
         if x2.numel() > 0:
             _bias_gelu_bwd_kernel[(groups, n_col)](g, x2, b, dx, part, m, n, per_group,
@@ -252,7 +262,7 @@ class _BiasDropoutAdd(torch.autograd.Function):
             dx_buf = torch.empty((m, n), dtype=x_dtype, device=grad.device)
             bm, bn = _tiles(m, n)
             n_col = triton.cdiv(n, bn)
-            groups, per_group = _row_groups(m, bm, n_col)
+            groups, per_group = _row_groups(m, bm, n_col, g.device)
             part = torch.zeros((groups if need_db else 1, n), dtype=torch.float32,
                                device=grad.device)
             if m * n > 0:

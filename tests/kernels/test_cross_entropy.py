@@ -1,9 +1,10 @@
 """Fused Triton cross-entropy against the plain-torch reference, single process.
 
-Without CUDA the kernels run in Triton's interpreter (conftest sets
+By default the kernels run in Triton's interpreter (conftest sets
 TRITON_INTERPRET), so shapes stay at a few dozen rows; ``block_v=64`` is below
 every vocabulary size here, so the chunk loop runs several times and ends on a
-partial (masked) chunk.
+partial (masked) chunk. With MEGATRON_PACI_TEST_DEVICE=cuda the same inputs (drawn
+on the CPU, then moved) run through the compiled kernels on the GPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ pytest.importorskip("triton")
 from megatron_paci.kernels import reference  # noqa: E402
 from megatron_paci.kernels.triton_cross_entropy import cross_entropy  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 64
 SHAPES = [(3, 5, 200), (7, 1000)]
 # fp32: same math, different summation order. bf16: the loss is fp32 math on the
@@ -29,15 +29,16 @@ TOL = {
 }
 
 
-def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, scale: float = 3.0,
-            offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int = 0,
+            scale: float = 3.0, offset: float = 0.0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(shape, generator=g) * scale + offset).to(dtype)
     target = torch.randint(0, shape[-1], shape[:-1], generator=g)
     flat = target.view(-1)
     flat[0], flat[-1] = 0, shape[-1] - 1  # first and last column: chunk edges
     grad_loss = torch.randn(shape[:-1], generator=g)
-    return logits.to(DEVICE), target.to(DEVICE), grad_loss.to(DEVICE)
+    return logits.to(device), target.to(device), grad_loss.to(device)
 
 
 def _reference(logits: torch.Tensor, target: torch.Tensor, grad_loss: torch.Tensor):
@@ -61,8 +62,8 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["3x5x200", "7x1000"])
-def test_matches_reference(shape, dtype):
-    logits, target, grad_loss = _inputs(shape, dtype)
+def test_matches_reference(shape, dtype, kernel_device):
+    logits, target, grad_loss = _inputs(shape, dtype, kernel_device)
     ref_loss, ref_grad = _reference(logits, target, grad_loss)
     loss, grad, _ = _fused(logits, target, grad_loss, block_v=BLOCK)
     assert loss.dtype == torch.float32 and loss.shape == target.shape
@@ -73,10 +74,11 @@ def test_matches_reference(shape, dtype):
     torch.testing.assert_close(grad.float(), ref_grad, rtol=rtol, atol=atol)
 
 
-def test_default_block_and_large_logits():
+def test_default_block_and_large_logits(kernel_device):
     """One chunk covering the row (default block), and logits far from 0: the
     kernel subtracts the max before exp, so an offset of 500 costs nothing."""
-    logits, target, grad_loss = _inputs((4, 200), torch.float32, seed=1, offset=500.0)
+    logits, target, grad_loss = _inputs((4, 200), torch.float32, kernel_device, seed=1,
+                                        offset=500.0)
     ref_loss, ref_grad = _reference(logits, target, grad_loss)
     loss, grad, _ = _fused(logits, target, grad_loss)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
@@ -84,8 +86,8 @@ def test_default_block_and_large_logits():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_inplace_backward_same_grad(dtype):
-    logits, target, grad_loss = _inputs((7, 1000), dtype, seed=2)
+def test_inplace_backward_same_grad(dtype, kernel_device):
+    logits, target, grad_loss = _inputs((7, 1000), dtype, kernel_device, seed=2)
     loss, grad, _ = _fused(logits, target, grad_loss, block_v=BLOCK)
     loss_ip, grad_ip, _ = _fused(logits, target, grad_loss, block_v=BLOCK,
                                  inplace_backward=True)
@@ -93,15 +95,15 @@ def test_inplace_backward_same_grad(dtype):
     assert torch.equal(grad_ip, grad)  # same kernel, same arithmetic: bitwise equal
 
 
-def test_inplace_backward_peak_memory():
+def test_inplace_backward_peak_memory(kernel_device):
     """The memory argument, per logit element with bf16 logits: the torch path
-    peaks at 2 (logits) + 4 (fp32 softmax saved) + 4 (fp32 grad) + 2 (bf16 grad)
-    = 12 bytes. Here the saved state is the logits themselves (same storage) plus
-    16 bytes a row, and the grad is written over the logits: 2 bytes, one
-    logits-sized buffer in all."""
+    peaks at 2 (logits) + 12 bytes of fp32 copies and gradients (counted by
+    scripts/bench_ce_memory.py). Here the saved state is the logits themselves
+    (same storage) plus 16 bytes a row, and the grad is written over the logits:
+    2 bytes, one logits-sized buffer in all."""
     shape = (3, 5, 200)
     rows = 15
-    logits, target, grad_loss = _inputs(shape, torch.bfloat16, seed=3)
+    logits, target, grad_loss = _inputs(shape, torch.bfloat16, kernel_device, seed=3)
     x = logits.clone().requires_grad_()
     saved: list[torch.Tensor] = []
 
@@ -133,12 +135,12 @@ def test_inplace_backward_peak_memory():
     assert grad.data_ptr() != y.data_ptr() and torch.equal(y.detach(), logits)
 
 
-def test_targets_outside_shard():
+def test_targets_outside_shard(kernel_device):
     """A shard [100, 300) of a 400-column vocabulary, alone (tp=1 but a
     vocab_start): off-shard targets add no target logit and no one-hot."""
-    full, _, grad_loss = _inputs((6, 400), torch.float32, seed=4)
+    full, _, grad_loss = _inputs((6, 400), torch.float32, kernel_device, seed=4)
     shard = full[:, 100:300].contiguous()
-    target = torch.tensor([0, 99, 100, 299, 300, 399], device=DEVICE)
+    target = torch.tensor([0, 99, 100, 299, 300, 399], device=kernel_device)
     owned = (target >= 100) & (target < 300)
     loss, grad, _ = _fused(shard, target, grad_loss, vocab_start=100, block_v=BLOCK)
 
@@ -152,8 +154,8 @@ def test_targets_outside_shard():
     torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-6)
 
 
-def test_rejects_bad_arguments():
-    logits, target, _ = _inputs((4, 200), torch.float32)
+def test_rejects_bad_arguments(kernel_device):
+    logits, target, _ = _inputs((4, 200), torch.float32, kernel_device)
     with pytest.raises(ValueError, match="disagree"):
         cross_entropy(logits, target[:3])
     with pytest.raises(ValueError, match="power of two"):

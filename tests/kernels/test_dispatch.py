@@ -45,18 +45,24 @@ def test_unavailable_backends_name_op_backend_and_choices(monkeypatch, backend, 
     assert needle in str(e.value)
 
 
-def test_parity_check_passes_for_every_triton_kernel(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    k = select_kernels("triton", [], torch.device("cpu"))
-    report = parity_check(k, SHAPES, torch.float32, torch.device("cpu"))
+@pytest.fixture
+def triton_device(kernel_device, monkeypatch):
+    """The kernel-test device, with Triton runnable on it (the interpreter on a CPU)."""
+    if kernel_device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return kernel_device
+
+
+def test_parity_check_passes_for_every_triton_kernel(triton_device):
+    k = select_kernels("triton", [], triton_device)
+    report = parity_check(k, SHAPES, torch.float32, triton_device)
     assert [line.split()[0] for line in report] == list(dispatch.COVERS["triton"])
     assert k.choices["adamw"].backend == "torch"  # Triton has no AdamW
 
 
-def test_parity_check_refuses_a_wrong_kernel(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    k = select_kernels("torch", ["bias_gelu=triton"], torch.device("cpu"))
+def test_parity_check_refuses_a_wrong_kernel(triton_device):
+    k = select_kernels("torch", ["bias_gelu=triton"], triton_device)
     right = k.bias_gelu
     k.bias_gelu = lambda x, b: right(x, b) * 1.01  # a kernel that is 1% off
     with pytest.raises(KernelError, match="op 'bias_gelu' \\(triton\\) output differs"):
-        parity_check(k, SHAPES, torch.float32, torch.device("cpu"))
+        parity_check(k, SHAPES, torch.float32, triton_device)

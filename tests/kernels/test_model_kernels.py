@@ -1,5 +1,7 @@
-"""A tiny GPT trained with every op on its Triton kernel (through the interpreter)
-follows the torch-reference run, and the start-up table and parity check run."""
+"""A tiny GPT trained with every op on its Triton kernel follows the torch-reference
+run, and the start-up table and parity check run. On the CPU (default) the kernels go
+through Triton's interpreter; with MEGATRON_PACI_TEST_DEVICE=cuda both runs train on the
+GPU with compiled kernels."""
 
 import json
 import os
@@ -23,7 +25,7 @@ def _dataset(directory) -> str:
     return prefix
 
 
-def _train(prefix, run_dir, backend, capsys):
+def _train(prefix, run_dir, backend, device, capsys):
     from megatron_paci.training.trainer import Trainer
 
     cfg = load_config(None, [
@@ -33,18 +35,25 @@ def _train(prefix, run_dir, backend, capsys):
         f"data.path=[{prefix}]", "data.tokenizer=null:96", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.iters=3", "train.eval_interval=0",
         "train.precision=fp32", "logging.interval=1", "logging.plot=false",
-        "checkpoint.save_at_end=false", f"kernels.backend={backend}", f"run.dir={run_dir}"])
+        "checkpoint.save_at_end=false", f"kernels.backend={backend}", f"train.device={device}",
+        f"run.dir={run_dir}"])
     Trainer(cfg).train()
     out = capsys.readouterr().out
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r["loss"] for r in map(json.loads, f) if "loss" in r], out
 
 
-def test_triton_kernels_train_like_the_references(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_triton_kernels_train_like_the_references(tmp_path, capsys, monkeypatch,
+                                                  kernel_device):
+    if kernel_device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        why = "CPU through TRITON_INTERPRET=1"
+    else:
+        why = "CUDA device"
+    device = kernel_device.type
     prefix = _dataset(str(tmp_path))
-    ref, _ = _train(prefix, str(tmp_path / "torch"), "torch", capsys)
-    got, out = _train(prefix, str(tmp_path / "triton"), "triton", capsys)
+    ref, _ = _train(prefix, str(tmp_path / "torch"), "torch", device, capsys)
+    got, out = _train(prefix, str(tmp_path / "triton"), "triton", device, capsys)
     assert "kernel parity check against the torch references passed" in out
-    assert "  cross_entropy     triton   kernels.backend: CPU through TRITON_INTERPRET=1" in out
+    assert f"  cross_entropy     triton   kernels.backend: {why}" in out
     np.testing.assert_allclose(got, ref, rtol=1e-5)

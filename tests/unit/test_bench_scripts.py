@@ -1,4 +1,5 @@
-"""The GPU benchmark scripts stay runnable: both run end to end with --smoke on the CPU.
+"""The GPU benchmark scripts stay runnable: both run end to end with --smoke on the CPU,
+and so does scripts/gpu_check.sh, the one-call GPU check, with --cpu-smoke.
 
 Their real runs need a GPU (see docs/kernels.md); these runs only keep the code paths
 from rotting, so they check what the scripts print, not the numbers.
@@ -7,6 +8,9 @@ from rotting, so they check what the scripts print, not the numbers.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +46,11 @@ def test_bench_kernels_smoke_prints_every_op(tmp_path, capsys, torch_only):
     assert out == out_file.read_text()
     assert "Copy bandwidth" in out and "| op | impl | fwd ms |" in out
     for op in OPS:
+        if op == "adamw":  # an optimizer step: its own table and formula
+            assert "- `adamw`: step: read parameter, gradient" in out
+            assert "| impl | step ms | GB/s | % copy | timing |" in out
+            assert "| torch | " in out and "| foreach | " in out
+            continue
         assert f"| {op} | torch | " in out, op
         assert f"- `{op}`: fwd: " in out, op  # the bytes formula of every op
     assert "failed" not in out
@@ -80,3 +89,44 @@ def test_dense_peaks_by_device_name():
     assert bench.dense_peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.dense_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert bench.dense_peak_tflops("cpu") is None
+
+
+GPU_CHECK = SCRIPTS / "gpu_check.sh"
+needs_shell = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("timeout")),
+                                 reason="needs bash and coreutils' timeout")
+
+
+@needs_shell
+def test_gpu_check_is_valid_bash():
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+
+
+@needs_shell
+def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
+    """The script a GPU session runs in one call keeps working between sessions: its
+    --cpu-smoke mode (about 15 s) runs the same steps on the CPU and writes the same
+    files, each step's exit status in summary.txt."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "MEGATRON_PACI_TEST_DEVICE", "OUT")}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    out = tmp_path / "gpu_out"
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--cpu-smoke", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+    files = {p.name for p in out.iterdir()}
+    assert all(p.is_file() for p in out.iterdir()) and len(files) <= 8  # the device's limit
+    assert files == {"env.txt", "kernel_tests.txt", "bench_kernels.txt", "kernels_gpu.md",
+                     "ce_memory.txt", "bench_mfu.txt", "summary.txt"}
+    lines = (out / "summary.txt").read_text().splitlines()
+    status = {line.split()[0]: line.split()[1] for line in lines[1:-1]}
+    assert status == {"env": "0", "kernel_tests": "0", "bench_kernels": "0", "ce_memory": "0",
+                      "bench_mfu": "0",
+                      "bench_mfu_torch": "skipped", "bench_kernels_compile": "skipped"}
+    assert lines[-1].startswith("total ")
+    assert "torch " in (out / "env.txt").read_text()
+    assert " passed" in (out / "kernel_tests.txt").read_text()
+    assert "| layer_norm | torch | " in (out / "kernels_gpu.md").read_text()
+    assert "MFU: " in (out / "bench_mfu.txt").read_text()
+    assert "vocab 1000: fused/torch peak" in (out / "ce_memory.txt").read_text()
+    assert "=== summary" in proc.stdout  # every step's output is shown as well
