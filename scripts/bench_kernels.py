@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import sys
@@ -40,6 +41,7 @@ if str(ROOT) not in sys.path:
 
 from megatron_paci.kernels import reference  # noqa: E402
 from megatron_paci.kernels.dispatch import (  # noqa: E402
+    COVERS,
     OPS,
     KernelError,
     apex_status,
@@ -64,6 +66,7 @@ class Shape:
     seq: int
     batch: int
     vocab: int
+    layers: int = 2
 
     @property
     def tokens(self) -> int:
@@ -73,11 +76,20 @@ class Shape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    def param_shapes(self) -> list[tuple[int, ...]]:
+        """The GPT's parameter tensors (untied head left out), for the AdamW step."""
+        h, f = self.hidden, self.ffn
+        layer = [(h,), (h,), (3 * h, h), (3 * h,), (h, h), (h,), (h,), (h,), (f, h), (f,),
+                 (h, f), (h,)]
+        return [(self.vocab, h), (self.seq, h)] + layer * self.layers + [(h,), (h,)]
+
 
 SHAPES = (
     # GPT-2 Medium: vocabulary 50257 padded to a multiple of 128.
-    Shape("gpt2-medium", hidden=1024, ffn=4096, heads=16, seq=1024, batch=8, vocab=50304),
-    Shape("gpt3-1.3b", hidden=2048, ffn=8192, heads=16, seq=2048, batch=4, vocab=50304),
+    Shape("gpt2-medium", hidden=1024, ffn=4096, heads=16, seq=1024, batch=8, vocab=50304,
+          layers=24),
+    Shape("gpt3-1.3b", hidden=2048, ffn=8192, heads=16, seq=2048, batch=4, vocab=50304,
+          layers=24),
 )
 SMOKE_SHAPES = (Shape("smoke", hidden=64, ffn=256, heads=4, seq=16, batch=2, vocab=512),)
 
@@ -93,7 +105,10 @@ FORMULAS = {
                         "2·T·h·e (mask regenerated from the seed; d residual is dy itself)",
     "rotary": "fwd: read x, write y = 2·T·h·e + cos, sin tables 2·s·d·4; bwd: the same",
     "cross_entropy": "fwd: read logits = T·V·e; bwd: read logits, write dlogits = 2·T·V·e",
+    "adamw": "step: read parameter, gradient, exp_avg, exp_avg_sq and write parameter, "
+             "exp_avg, exp_avg_sq = 7·N·4 (N parameters, all fp32)",
 }
+ACTIVATION_OPS = tuple(op for op in OPS if op != "adamw")
 
 
 @dataclass
@@ -189,7 +204,7 @@ def implementations(device: torch.device, smoke: bool, use_compile: bool
         notes.append("torch.compile: not run (" + ("--smoke" if smoke else "--no-compile") + ")")
     else:
         impls["compile"] = compiled_reference
-    a_ok, a_why = apex_status()
+    a_ok, a_why = apex_status("layer_norm")
     if a_ok and not smoke:
         apex_k = select_kernels("torch", ["layer_norm=apex", "rms_norm=apex"], device)
         impls["apex"] = lambda op: getattr(apex_k, op)
@@ -198,7 +213,34 @@ def implementations(device: torch.device, smoke: bool, use_compile: bool
     return impls, notes
 
 
-APEX_OPS = ("layer_norm", "rms_norm")
+def adamw_implementations(device: torch.device, smoke: bool) -> dict[str, Callable]:
+    """Builders in the dispatcher's ``adamw`` signature: the chosen torch path (fused on
+    CUDA), torch's multi-tensor foreach path as the eager baseline, and apex."""
+    impls: dict[str, Callable] = {
+        "torch": select_kernels("torch", [], device).adamw,
+        "foreach": lambda groups, lr, betas, eps: torch.optim.AdamW(
+            groups, lr=lr, betas=betas, eps=eps, foreach=True),
+    }
+    if apex_status("adamw")[0] and not smoke:
+        impls["apex"] = select_kernels("torch", ["adamw=apex"], device).adamw
+    return impls
+
+
+def bench_adamw(impl: str, build: Callable, shape: Shape, device: torch.device,
+                timer: Timer) -> Row:
+    """One optimizer step over the model's parameter tensors (two decay groups)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(sh, generator=gen, device=device) for sh in shape.param_shapes()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, device=device) * 1e-3
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = build(groups, 1e-4, (0.9, 0.95), 1e-8)
+    opt.step()  # allocates the state outside the measurement
+    n = sum(p.numel() for p in params)
+    row = Row(shape.name, "adamw", impl, fwd_bytes=7 * n * 4)
+    row.fwd_ms, row.method = timer(opt.step)
+    return row
 
 
 # ------------------------------------------------------------------------------ timing
@@ -326,23 +368,37 @@ def bench_one(op: str, impl: str, fn: Callable, shape: Shape, device: torch.devi
     return row
 
 
+def _failure(shape: Shape, op: str, impl: str, e: Exception) -> Row:
+    what = "compile failed" if impl == "compile" else "failed"
+    msg = " ".join(str(e).split())[:80]
+    return Row(shape.name, op, impl, error=f"{what}: {type(e).__name__}"
+               f"{': ' + msg if msg else ''}")
+
+
 def run(shapes: Sequence[Shape], ops: Sequence[str], device: torch.device, dtype: torch.dtype,
-        impls: dict[str, Callable[[str], Callable]], timer: Timer) -> list[Row]:
+        impls: dict[str, Callable[[str], Callable]], timer: Timer,
+        adamw_impls: dict[str, Callable] | None = None) -> list[Row]:
     rows = []
     for shape in shapes:
         for op in ops:
-            for impl, get in impls.items():
-                if impl == "apex" and op not in APEX_OPS:
+            candidates = (adamw_impls or {}) if op == "adamw" else impls
+            for impl, get in candidates.items():
+                if impl == "apex" and op not in COVERS["apex"]:
                     continue
                 try:
-                    rows.append(bench_one(op, impl, get(op), shape, device, dtype, timer))
+                    if op == "adamw":
+                        rows.append(bench_adamw(impl, get, shape, device, timer))
+                    else:
+                        rows.append(bench_one(op, impl, get(op), shape, device, dtype, timer))
                 except Exception as e:  # report the failure in the table and go on
-                    what = "compile failed" if impl == "compile" else "failed"
-                    msg = " ".join(str(e).split())[:80]
-                    rows.append(Row(shape.name, op, impl, error=f"{what}: {type(e).__name__}"
-                                    f"{': ' + msg if msg else ''}"))
+                    rows.append(_failure(shape, op, impl, e))
                     if device.type == "cuda":
                         torch.cuda.synchronize()
+                # Progress (stderr): a run cut short by a timeout still shows its rows.
+                r = rows[-1]
+                print(f"bench_kernels: {shape.name} {op} {impl}: " + (r.error or (
+                    f"fwd {_f(r.fwd_ms, '.4f')} ms, fwd+bwd {_f(r.fwdbwd_ms, '.4f')} ms, "
+                    f"peak {_f(r.peak_mib, '.0f')} MiB")), file=sys.stderr, flush=True)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -375,7 +431,7 @@ def report(rows: list[Row], shapes: Sequence[Shape], copy_bps: float, header: li
         out.append("| op | impl | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s "
                    "| fwd+bwd % copy | peak MiB | timing |")
         out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-        for r in (r for r in rows if r.shape == shape.name):
+        for r in (r for r in rows if r.shape == shape.name and r.op != "adamw"):
             if r.error:
                 out.append(f"| {r.op} | {r.impl} | {r.error} | | | | | | | |")
                 continue
@@ -386,11 +442,30 @@ def report(rows: list[Row], shapes: Sequence[Shape], copy_bps: float, header: li
                 f"{_f(both, '.0f')} | {_f(both and 100 * both / copy_gbps, '.0f')} | "
                 f"{_f(r.peak_mib, '.0f')} | {r.method} |")
         out.append("")
+        out += adamw_table([r for r in rows if r.shape == shape.name and r.op == "adamw"],
+                           shape, copy_gbps)
     if check_targets:
         out += targets(rows, shapes, copy_gbps)
     else:
         out += ["### Targets", "", "Not checked: a smoke run's numbers mean nothing.", ""]
     return "\n".join(out) + "\n"
+
+
+def adamw_table(rows: list[Row], shape: Shape, copy_gbps: float) -> list[str]:
+    if not rows:
+        return []
+    n = sum(math.prod(sh) for sh in shape.param_shapes())
+    out = [f"AdamW step over {n:,} fp32 parameters in {len(shape.param_shapes())} "
+           "tensors, two decay groups:", "",
+           "| impl | step ms | GB/s | % copy | timing |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        if r.error:
+            out.append(f"| {r.impl} | {r.error} | | | |")
+            continue
+        gbps = r.gbps(True)
+        out.append(f"| {r.impl} | {_f(r.fwd_ms, '.3f')} | {_f(gbps, '.0f')} | "
+                   f"{_f(gbps and 100 * gbps / copy_gbps, '.0f')} | {r.method} |")
+    return out + [""]
 
 
 def targets(rows: list[Row], shapes: Sequence[Shape], copy_gbps: float) -> list[str]:
@@ -475,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
     copy_bps = copy_bandwidth(device, timer, args.smoke)
-    rows = run(shapes, args.ops, device, dtype, impls, timer)
+    rows = run(shapes, args.ops, device, dtype, impls, timer,
+               adamw_implementations(device, args.smoke))
     text = report(rows, shapes, copy_bps, header, check_targets=not args.smoke)
     print(text, end="")
     if args.output:
