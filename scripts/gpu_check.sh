@@ -14,10 +14,11 @@
 # output also shown on stdout:
 #   env.txt                 nvidia-smi, python, torch/triton versions, device, git state
 #   kernel_tests.txt        MEGATRON_PACI_TEST_DEVICE=cuda pytest tests/kernels (compiled)
-#   bench_kernels.txt       both bench_kernels.py runs (stdout and stderr)
+#   bench_kernels.txt       both bench_kernels.py runs and bench_ce_memory.py (cross-entropy
+#                           peak memory, fused vs torch), stdout and stderr
 #   kernels_gpu.md          bench_kernels.py --no-compile: Triton vs torch eager, targets
 #   kernels_gpu_compile.md  bench_kernels.py with the torch.compile rows (if time is left)
-#   ce_memory.txt           bench_ce_memory.py: cross-entropy peak memory, fused vs torch
+#   train_gpu.txt           a real pretrain_gpt.py run (bf16, Triton) stopped and resumed
 #   bench_mfu.txt           bench_mfu.py (kernels.backend=auto), then --backend torch
 #   summary.txt             step, exit status (124/137: timed out), seconds, command
 # The exit status is 0 when every step that ran exited 0.
@@ -36,11 +37,13 @@ usage() {
 
 SMOKE=0
 ENV_ONLY=0  # --env-report: the env step, run by this script under `timeout`
+TRAIN_RUN=""  # --train-run=ITERS,STOP: the train_gpu step, likewise
 OUT_ARG=""
 for arg in "$@"; do
     case "$arg" in
         --cpu-smoke) SMOKE=1 ;;
         --env-report) ENV_ONLY=1 ;;
+        --train-run=*) TRAIN_RUN=${arg#*=} ;;
         -h | --help) usage; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
         *)
@@ -97,6 +100,28 @@ if [ "$ENV_ONLY" = 1 ]; then
     exit
 fi
 
+# --train-run=ITERS,STOP: a small corpus, tokenizer and indexed data, then a tiny GPT
+# trained with everything on auto, stopped at STOP and relaunched to finish ITERS.
+if [ -n "$TRAIN_RUN" ]; then
+    cd "$ROOT" || exit 2
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    iters=${TRAIN_RUN%,*} stop=${TRAIN_RUN#*,}
+    data=$(mktemp -d) || exit 2
+    set -e
+    "$PY" -m data_prep.build_corpus --output "$data" --sources pydoc --max-mb 0.4
+    "$PY" -m data_prep.train_tokenizer --input "$data/corpus.jsonl" --vocab-size 512 \
+        --output "$data/tok"
+    "$PY" -m data_prep.preprocess --input "$data/corpus.jsonl" --tokenizer "$data/tok.model" \
+        --output-prefix "$data/text_document" --append-eod --workers 2
+    cfg=(pretrain_gpt.py --config configs/tiny.yaml "data.path=[$data/text_document]"
+        "data.tokenizer=$data/tok.model" "run.dir=$data/run" "train.iters=$iters"
+        "train.eval_interval=$stop" train.eval_iters=1 checkpoint.interval=0
+        logging.plot=false)
+    "$PY" "${cfg[@]}" "train.exit_interval=$stop"
+    "$PY" "${cfg[@]}"
+    exit
+fi
+
 OUT_DIR=${OUT_ARG:-${OUT:-gpu_out}}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd) || exit 2
 cd "$ROOT" || exit 2
@@ -109,7 +134,7 @@ FAILED=0
 LAST_RC=0
 
 for f in env.txt kernel_tests.txt bench_kernels.txt kernels_gpu.md kernels_gpu_compile.md \
-    ce_memory.txt bench_mfu.txt summary.txt; do
+    bench_mfu.txt train_gpu.txt summary.txt; do
     rm -f "$OUT_DIR/$f"
 done
 printf '%-22s %-8s %7s  %s\n' step status seconds command >"$SUMMARY"
@@ -181,10 +206,10 @@ fi
 # c2. cross-entropy peak memory, counted per tensor and read from the allocator, at
 # GPT-2 Medium's tokens per micro-batch (8 x 1024) and vocabulary.
 if [ "$SMOKE" = 1 ]; then
-    run_step ce_memory 60 5 ce_memory.txt env TRITON_INTERPRET=1 \
+    run_step ce_memory 60 5 bench_kernels.txt env TRITON_INTERPRET=1 \
         "$PY" scripts/bench_ce_memory.py --tokens 4 --vocab 1000
 else
-    run_step ce_memory 60 20 ce_memory.txt env -u TRITON_INTERPRET \
+    run_step ce_memory 60 20 bench_kernels.txt env -u TRITON_INTERPRET \
         "$PY" scripts/bench_ce_memory.py --device cuda --tokens 8192
 fi
 
@@ -196,6 +221,15 @@ if [ "$LAST_RC" != 0 ] && [ "$LAST_RC" != skipped ]; then
     # Still get a step time if it was the start-up parity check that stopped it.
     run_step bench_mfu_no_parity 90 60 bench_mfu.txt env -u TRITON_INTERPRET "${MFU[@]}" \
         --no-parity
+fi
+
+# e. the product end to end: data prep, then pretrain_gpt.py on the device with
+# precision and kernels on auto (bf16 autocast and Triton on a GPU, which no CPU run
+# exercises), stopped at a checkpoint and relaunched to resume.
+if [ "$SMOKE" = 1 ]; then
+    run_step train_gpu 120 20 train_gpu.txt bash "${BASH_SOURCE[0]}" --train-run=4,2
+else
+    run_step train_gpu 120 60 train_gpu.txt bash "${BASH_SOURCE[0]}" --train-run=60,30
 fi
 
 # Extras, while the budget lasts: the torch baseline for MFU, then the kernel benchmark

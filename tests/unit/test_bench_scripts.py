@@ -117,16 +117,19 @@ def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     files = {p.name for p in out.iterdir()}
     assert all(p.is_file() for p in out.iterdir()) and len(files) <= 8  # the device's limit
     assert files == {"env.txt", "kernel_tests.txt", "bench_kernels.txt", "kernels_gpu.md",
-                     "ce_memory.txt", "bench_mfu.txt", "summary.txt"}
+                     "bench_mfu.txt", "train_gpu.txt", "summary.txt"}
     lines = (out / "summary.txt").read_text().splitlines()
     status = {line.split()[0]: line.split()[1] for line in lines[1:-1]}
     assert status == {"env": "0", "kernel_tests": "0", "bench_kernels": "0", "ce_memory": "0",
-                      "bench_mfu": "0",
+                      "bench_mfu": "0", "train_gpu": "0",
                       "bench_mfu_torch": "skipped", "bench_kernels_compile": "skipped"}
     assert lines[-1].startswith("total ")
     assert "torch " in (out / "env.txt").read_text()
     assert " passed" in (out / "kernel_tests.txt").read_text()
     assert "| layer_norm | torch | " in (out / "kernels_gpu.md").read_text()
     assert "MFU: " in (out / "bench_mfu.txt").read_text()
-    assert "vocab 1000: fused/torch peak" in (out / "ce_memory.txt").read_text()
+    assert "vocab 1000: fused/torch peak" in (out / "bench_kernels.txt").read_text()
+    train = (out / "train_gpu.txt").read_text()
+    assert "exiting at iteration 2" in train and "resumed from" in train
+    assert " iteration        4/       4 |" in train
     assert "=== summary" in proc.stdout  # every step's output is shown as well
