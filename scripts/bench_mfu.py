@@ -82,8 +82,9 @@ def build(cfg: ModelConfig, vocab: int, device: torch.device, kernels: Kernels
     return model, Optimizer(model, OptimConfig(), single_process(), kernels=kernels)
 
 
-def train_step(model: GPTModel, optimizer: Optimizer, batches: list[tuple[torch.Tensor, ...]],
-               autocast: torch.dtype | None, lr: float = 1e-4) -> float:
+def train_step(model: torch.nn.Module, optimizer: Optimizer,
+               batches: list[tuple[torch.Tensor, ...]], autocast: torch.dtype | None,
+               lr: float = 1e-4) -> float:
     """One optimizer step over ``batches`` micro-batches, as the trainer's executor runs it."""
     optimizer.zero_grad()
     total = 0.0
@@ -135,6 +136,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; smoke 2)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak in TFLOP/s (default: from the device name)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model's forward through torch.compile (compile time is "
+                        "spent in the warm-up steps, never timed)")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the start-up kernel parity check")
     return p.parse_args(argv)
@@ -155,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         micro_batch = args.micro_batch
     accum = accum if args.micro_batches is None else args.micro_batches
     warmup = warmup if args.warmup is None else args.warmup
+    if args.compile:
+        warmup = max(warmup, 1)  # the first step compiles
     steps = steps if args.steps is None else args.steps
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or (dense_peak_tflops(device_name) if device.type == "cuda"
@@ -172,11 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device: {device_name}")
     print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
           f"heads, ffn {ffn_size(cfg)}, seq {cfg.seq_length}, padded vocab {vocab}, "
-          f"dropout {cfg.dropout}; precision {'bf16 autocast' if autocast else 'fp32'}")
+          f"dropout {cfg.dropout}; precision {'bf16 autocast' if autocast else 'fp32'}"
+          + ("; forward through torch.compile" if args.compile else ""))
     print(kernels.table())
 
     while True:
-        model = optimizer = batches = None
+        model = optimizer = batches = runner = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -193,8 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("kernel parity check against the torch references passed:\n"
                       + "\n".join(report))
             batches = random_batches(accum, micro_batch, cfg.seq_length, vocab, device)
+            runner = torch.compile(model) if args.compile else model
             for _ in range(warmup):
-                train_step(model, optimizer, batches, autocast)
+                train_step(runner, optimizer, batches, autocast)
             break
         except Exception as e:
             if not _is_oom(e) or micro_batch == 1:
@@ -206,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
     _sync(device)
     t0 = time.perf_counter()
-    losses = [train_step(model, optimizer, batches, autocast) for _ in range(steps)]
+    losses = [train_step(runner, optimizer, batches, autocast) for _ in range(steps)]
     _sync(device)
     seconds = time.perf_counter() - t0
 

@@ -236,10 +236,13 @@ fi
 # with its torch.compile rows.
 if [ "$SMOKE" = 1 ]; then
     skip_step bench_mfu_torch "--cpu-smoke: --smoke already runs the torch references"
+    skip_step bench_mfu_compile "--cpu-smoke: torch.compile takes longer than the smoke run"
     skip_step bench_kernels_compile "--cpu-smoke: --smoke never runs torch.compile"
 else
     run_step bench_mfu_torch 90 60 bench_mfu.txt env -u TRITON_INTERPRET "${MFU[@]}" \
         --backend torch
+    run_step bench_mfu_compile 150 120 bench_mfu.txt env -u TRITON_INTERPRET "${MFU[@]}" \
+        --backend torch --compile
     run_step bench_kernels_compile 300 90 bench_kernels.txt env -u TRITON_INTERPRET \
         "$PY" scripts/bench_kernels.py --output "$OUT_DIR/kernels_gpu_compile.md"
 fi

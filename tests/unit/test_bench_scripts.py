@@ -122,7 +122,8 @@ def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     status = {line.split()[0]: line.split()[1] for line in lines[1:-1]}
     assert status == {"env": "0", "kernel_tests": "0", "bench_kernels": "0", "ce_memory": "0",
                       "bench_mfu": "0", "train_gpu": "0",
-                      "bench_mfu_torch": "skipped", "bench_kernels_compile": "skipped"}
+                      "bench_mfu_torch": "skipped", "bench_mfu_compile": "skipped",
+                      "bench_kernels_compile": "skipped"}
     assert lines[-1].startswith("total ")
     assert "torch " in (out / "env.txt").read_text()
     assert " passed" in (out / "kernel_tests.txt").read_text()
