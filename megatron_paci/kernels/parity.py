@@ -85,42 +85,65 @@ def _adamw_steps(build: Callable, shapes: Shapes, device: torch.device, seed: in
     return [w, b]
 
 
+def _check_adamw(kernels: Kernels, backend: str, shapes: Shapes, device: torch.device,
+                 seed: int) -> float:
+    got = _adamw_steps(kernels.adamw, shapes, device, seed)
+    want = _adamw_steps(_TORCH["adamw"], shapes, device, seed)
+    worst = max(((a - b).abs().max() / b.abs().max()).item()
+                for a, b in zip(got, want, strict=True))
+    if not worst <= 1e-5:
+        raise KernelError(
+            f"kernel parity check failed: op 'adamw' ({backend}) parameters after 3 steps "
+            f"differ from torch.optim.AdamW by {worst:.2e} (relative to their max; allowed "
+            f"1e-05); choose another backend with kernels.overrides=[adamw=torch]")
+    return worst
+
+
+def _check_op(op: str, kernels: Kernels, backend: str, shapes: Shapes, dtype: torch.dtype,
+              device: torch.device, group, seed: int) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    args, grad_idx = _cases(shapes, dtype, device, group, gen)[op]
+    got = _run(getattr(kernels, op), args, grad_idx, torch.Generator().manual_seed(seed))
+    want = _run(_TORCH[op], args, grad_idx, torch.Generator().manual_seed(seed))
+    names = ["output"] + [f"grad[{i}]" for i in grad_idx]
+    tol = _tolerance(dtype)
+    worst = 0.0
+    for name, a, b in zip(names, got, want, strict=True):
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+        worst = max(worst, err)
+        if not err <= tol:
+            raise KernelError(
+                f"kernel parity check failed: op '{op}' ({backend}) {name} differs "
+                f"from the torch reference by {err:.2e} (relative to its max; allowed "
+                f"{tol:.0e}) on shape {tuple(args[0].shape)} {dtype}; choose another "
+                f"backend with kernels.overrides=[{op}=torch]")
+    return worst
+
+
 def parity_check(kernels: Kernels, shapes: Shapes, dtype: torch.dtype, device: torch.device,
                  group=None, seed: int = 0) -> list[str]:
-    """Compare each non-torch kernel with its reference; one line per op checked."""
+    """Compare each non-torch kernel with its reference; one line per op checked.
+
+    A kernel that raises (fails to compile, wrong device, missing extension) is
+    reported the same way as one that disagrees: op, backend and the way out.
+    """
     report = []
     for op in OPS:
-        choice = kernels.choices[op]
-        if choice.backend == "torch":
+        backend = kernels.choices[op].backend
+        if backend == "torch":
             continue
-        if op == "adamw":
-            got = _adamw_steps(kernels.adamw, shapes, device, seed)
-            want = _adamw_steps(_TORCH["adamw"], shapes, device, seed)
-            worst = max(((a - b).abs().max() / b.abs().max()).item()
-                        for a, b in zip(got, want, strict=True))
-            if not worst <= 1e-5:
-                raise KernelError(
-                    f"kernel parity check failed: op 'adamw' ({choice.backend}) parameters "
-                    f"after 3 steps differ from torch.optim.AdamW by {worst:.2e} (relative to "
-                    f"their max; allowed 1e-05); choose another backend with "
-                    f"kernels.overrides=[adamw=torch]")
-            report.append(f"  {op:<16} {choice.backend:<7} max relative error {worst:.1e}")
-            continue
-        gen = torch.Generator().manual_seed(seed)
-        args, grad_idx = _cases(shapes, dtype, device, group, gen)[op]
-        got = _run(getattr(kernels, op), args, grad_idx, torch.Generator().manual_seed(seed))
-        want = _run(_TORCH[op], args, grad_idx, torch.Generator().manual_seed(seed))
-        names = ["output"] + [f"grad[{i}]" for i in grad_idx]
-        tol = _tolerance(dtype)
-        worst = 0.0
-        for name, a, b in zip(names, got, want, strict=True):
-            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-            worst = max(worst, err)
-            if not err <= tol:
-                raise KernelError(
-                    f"kernel parity check failed: op '{op}' ({choice.backend}) {name} differs "
-                    f"from the torch reference by {err:.2e} (relative to its max; allowed "
-                    f"{tol:.0e}) on shape {tuple(args[0].shape)} {dtype}; choose another "
-                    f"backend with kernels.overrides=[{op}=torch]")
-        report.append(f"  {op:<16} {choice.backend:<7} max relative error {worst:.1e}")
+        try:
+            if op == "adamw":
+                worst = _check_adamw(kernels, backend, shapes, device, seed)
+            else:
+                worst = _check_op(op, kernels, backend, shapes, dtype, device, group, seed)
+        except KernelError:
+            raise
+        except Exception as e:
+            msg = " ".join(str(e).split())[:300]
+            raise KernelError(
+                f"kernel parity check failed: op '{op}' ({backend}) raised "
+                f"{type(e).__name__} on the run's shapes ({dtype}, {device}): {msg}; choose "
+                f"another backend with kernels.overrides=[{op}=torch]") from e
+        report.append(f"  {op:<16} {backend:<7} max relative error {worst:.1e}")
     return report

@@ -66,3 +66,19 @@ def test_parity_check_refuses_a_wrong_kernel(triton_device):
     k.bias_gelu = lambda x, b: right(x, b) * 1.01  # a kernel that is 1% off
     with pytest.raises(KernelError, match="op 'bias_gelu' \\(triton\\) output differs"):
         parity_check(k, SHAPES, torch.float32, triton_device)
+
+
+def test_parity_check_turns_a_kernel_that_raises_into_a_clear_refusal(triton_device):
+    k = select_kernels("torch", ["rotary=triton"], triton_device)
+
+    def broken(x, cos, sin):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    k.rotary = broken
+    with pytest.raises(KernelError) as e:
+        parity_check(k, SHAPES, torch.float32, triton_device)
+    assert str(e.value).startswith(
+        "kernel parity check failed: op 'rotary' (triton) raised RuntimeError on the run's "
+        "shapes (torch.float32, ")
+    assert str(e.value).endswith("no kernel image is available for execution on the device; "
+                                 "choose another backend with kernels.overrides=[rotary=torch]")
