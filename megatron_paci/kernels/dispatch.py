@@ -97,11 +97,11 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     return False, "no CUDA device and TRITON_INTERPRET is not 1"
 
 
-def apex_status(op: str = "layer_norm") -> tuple[bool, str]:
-    """Whether NVIDIA apex can run ``op`` here, and why (not)."""
+def apex_status(op: str) -> tuple[bool, str]:
+    """Whether NVIDIA apex can run ``op`` (one of ``COVERS["apex"]``) here, and why (not)."""
     if importlib.util.find_spec("apex") is None:
         return False, "NVIDIA apex is not installed"
-    module, extension = _APEX_EXTENSIONS.get(op, _APEX_EXTENSIONS["layer_norm"])
+    module, extension = _APEX_EXTENSIONS[op]
     try:
         importlib.import_module(module)
     except Exception as e:  # the PyPI package named apex is unrelated and lacks this
@@ -164,12 +164,12 @@ def _parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 
 def _choices_text(op: str, device: torch.device) -> str:
-    t_ok, t_why = triton_status(device)
-    a_ok, a_why = apex_status(op)
     parts = ["torch (always)"]
     if op in COVERS["triton"]:
+        t_ok, t_why = triton_status(device)
         parts.append(f"triton ({'available' if t_ok else t_why})")
     if op in COVERS["apex"]:
+        a_ok, a_why = apex_status(op)
         parts.append(f"apex ({'available' if a_ok else a_why})")
     return "choices: " + ", ".join(parts)
 
