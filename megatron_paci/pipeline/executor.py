@@ -9,7 +9,9 @@ action ran. Nothing here branches on the schedule's name beyond asking
 whether a STEP is global (1F1B-flush) or local.
 
 Sends are posted asynchronously and waited for at the end of a segment;
-receives are posted when their action needs them. Both directions between a
+receives are posted when their action needs them. Losses stay on the device
+until the STEP: reading one per micro-batch (``.item()``) would make the host
+wait for the GPU before it could queue the next micro-batch's kernels. Both directions between a
 pair of stages carry one kind of message each, in micro-batch order, so the
 messages match without tags and 1F1B's order cannot deadlock.
 """
@@ -29,7 +31,9 @@ from megatron_paci.parallel import comm
 from megatron_paci.parallel.state import ParallelState
 from megatron_paci.pipeline.schedules import Action, build_schedule
 
-StepCallback = Callable[[int, float | None, float, bool], None]
+# (iteration, the window's mean loss as a 0-d tensor on the device or None off the last
+# stage, grad norm, skipped)
+StepCallback = Callable[[int, torch.Tensor | None, float, bool], None]
 
 
 class PipelineError(RuntimeError):
@@ -166,7 +170,7 @@ class PipelineExecutor:
                 "labels": labels if self.last else None}
 
     def _forward(self, action: Action, batches: Iterator | None, in_flight: dict,
-                 losses: dict[int, float], scale: float) -> None:
+                 losses: dict[int, torch.Tensor], scale: float) -> None:
         j = action.index
         inputs = self._inputs(action, batches, "activations")
         hidden = inputs["hidden"]
@@ -180,7 +184,7 @@ class PipelineExecutor:
             out = self.policy.forward(j, **inputs)
         if self.last:
             loss = out.float().mean()
-            losses[j] = loss.item()
+            losses[j] = loss.detach()
             out = loss * scale
         in_flight[j] = _InFlight(hidden, out)
         self.telemetry.peak_in_flight = max(self.telemetry.peak_in_flight, len(in_flight))
@@ -243,7 +247,7 @@ class PipelineExecutor:
         actions = build_schedule(self.schedule, self.stages, self.stage, self.window,
                                  num_windows, first_window)
         in_flight: dict[int, _InFlight] = {}
-        losses: dict[int, float] = {}
+        losses: dict[int, torch.Tensor] = {}
         scale = 1.0 / self.window
         self.optimizer.zero_grad()
         wall_start = self._segment_start = time.perf_counter()
@@ -258,7 +262,7 @@ class PipelineExecutor:
                 window_losses = [losses.pop(j) for j in range((k - 1) * self.window + 1,
                                                                k * self.window + 1)
                                  if j in losses]
-                loss = sum(window_losses) / len(window_losses) if window_losses else None
+                loss = torch.stack(window_losses).mean() if window_losses else None
                 on_step(k, loss, norm, skipped)
         self._drain_sends()
         self.telemetry.wall_s += time.perf_counter() - wall_start
@@ -266,15 +270,18 @@ class PipelineExecutor:
         assert not in_flight, f"stage {self.stage}: micro-batches left in flight {in_flight}"
 
     @torch.no_grad()
-    def forward_only(self, batches: Iterator | None, num_microbatches: int) -> float | None:
-        """Evaluation pass through the pipeline; the mean loss on the last stage."""
-        total, count = 0.0, 0
+    def forward_only(self, batches: Iterator | None,
+                     num_microbatches: int) -> torch.Tensor | None:
+        """Evaluation pass through the pipeline; the mean loss on the last stage, as a
+        0-d tensor on the device (None elsewhere)."""
+        total, count = None, 0
         for j in range(1, num_microbatches + 1):
             inputs = self._inputs(Action("F", j), batches, "eval activations")
             with self.autocast():
                 out = self.model(**inputs)
             if self.last:
-                total += out.float().mean().item()
+                loss = out.float().mean()
+                total = loss if total is None else total + loss
                 count += 1
             else:
                 self._send(out, self.next_rank)

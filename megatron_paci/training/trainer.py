@@ -306,9 +306,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _mean_over_dp(self, value: float) -> float:
-        """Loss for the log: the mean over every dp rank's micro-batches."""
-        total = torch.tensor([value], dtype=torch.float64)
+    def _mean_over_dp(self, loss: torch.Tensor) -> float:
+        """Loss for the log: the mean over every dp rank's micro-batches. Reduced on the
+        device (NCCL has no CPU tensors) and read once per iteration."""
+        total = loss.detach().double().reshape(1)
         comm.all_reduce(total, self.pstate.data_group, "dp")
         return total.item() / self.pstate.data_size
 
@@ -402,11 +403,13 @@ class Trainer:
         self.finish()
         return self.progress
 
-    def _after_step(self, k: int, loss: float | None, norm: float, skipped: bool) -> None:
+    def _after_step(self, k: int, window_loss: torch.Tensor | None, norm: float,
+                    skipped: bool) -> None:
         """Per-iteration bookkeeping, called by the executor right after STEP(k) on this stage."""
         cfg, t, p = self.cfg, self.cfg.train, self.progress
-        if self.stage.post_process and loss is not None:
-            loss = self._mean_over_dp(loss)
+        loss = None
+        if self.stage.post_process and window_loss is not None:
+            loss = self._mean_over_dp(window_loss)
         p.iteration = k
         p.consumed_samples += t.global_batch_size
         p.skipped_iters += int(skipped)
@@ -433,7 +436,7 @@ class Trainer:
         mine = torch.tensor([float(tel.max_drift()), float(tel.peak_in_flight),
                              float(tel.peak_versions), self.executor.measured_bubble(),
                              peak_rss_mb(), tel.mean_ms("F"), tel.mean_ms("B"),
-                             tel.mean_ms("S")], dtype=torch.float64)
+                             tel.mean_ms("S")], dtype=torch.float64, device=self.device)
         table = comm.all_gather(mine.reshape(1, -1), ps.pipeline_group, "pp").tolist()
 
         def col(i: int, digits: int | None = None) -> list:
