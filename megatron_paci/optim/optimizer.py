@@ -136,7 +136,9 @@ class Optimizer:
         else:
             sq = [p.main_grad.double().pow(2).sum() for p in self.params
                   if _counted_once(p, ps.tensor_rank)]
-            total = torch.stack(sq).sum().reshape(1) if sq else torch.zeros(1, dtype=torch.float64)
+            total = (torch.stack(sq).sum().reshape(1) if sq else
+                     torch.zeros(1, dtype=torch.float64,
+                                 device=self.grad_buffer.buffer.device))
         comm.all_reduce(total, ps.tensor_group, "tp")
         comm.all_reduce(total, self.norm_pipeline_group, "pp")
         return math.sqrt(total.item())

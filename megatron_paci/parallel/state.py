@@ -108,7 +108,9 @@ def check_sizes(world: int, tensor: int, pipeline: int) -> int:
 
 
 def _backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """NCCL for CUDA tensors, with gloo beside it for the few CPU tensors that cross
+    ranks (checkpoint and RNG metadata): NCCL alone rejects a CPU tensor."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
@@ -125,7 +127,7 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = backend or _backend()
-        if backend == "nccl":
+        if "nccl" in backend:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))

@@ -94,3 +94,18 @@ def test_even_and_explicit_layer_split():
 
     assert partition_layers(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
     assert partition_layers(4, 2, [1, 3]) == [(0, 1), (1, 4)]
+
+
+def test_process_group_backend_serves_cpu_and_cuda_tensors(monkeypatch):
+    """With CUDA, NCCL carries the device tensors and gloo the CPU ones (checkpoint and
+    RNG metadata): NCCL alone would refuse the first CPU tensor a collective gets."""
+    import torch
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from megatron_paci.parallel import state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert BackendConfig(Backend(state._backend())).get_device_backend_map() == {
+        "cpu": "gloo", "cuda": "nccl"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert state._backend() == "gloo"
