@@ -19,7 +19,6 @@ messages match without tags and 1F1B's order cannot deadlock.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_paci.parallel import comm
 from megatron_paci.parallel.state import ParallelState
+from megatron_paci.pipeline.clock import clock_for
 from megatron_paci.pipeline.schedules import Action, build_schedule
 
 # (iteration, the window's mean loss as a 0-d tensor on the device or None off the last
@@ -113,8 +113,11 @@ class PipelineExecutor:
         self.next_rank = ranks[self.stage + 1] if not self.last else None
         self.telemetry = Telemetry(stage=self.stage)
         self._pending_sends: list[tuple[Any, torch.Tensor]] = []
-        self._t0 = time.perf_counter()
-        self._segment_start: float | None = None
+        self.clock = clock_for(device)
+        self._t0 = self.clock.mark()
+        self._segment_start: Any = None
+        self._last_end: Any = None
+        self._marks: list[tuple[str, int, Any, Any]] = []  # actions not yet read back
 
     # --- point-to-point ------------------------------------------------------
 
@@ -149,13 +152,27 @@ class PipelineExecutor:
 
     # --- actions -----------------------------------------------------------
 
-    def _event(self, kind: str, index: int, start: float) -> None:
-        end = time.perf_counter()
-        self.telemetry.busy_s += end - start
-        self.telemetry.kind_s[kind] += end - start
-        self.telemetry.kind_n[kind] += 1
-        if self.record_events:
-            self.telemetry.events.append((kind, index, start - self._t0, end - self._t0))
+    def _event(self, kind: str, index: int, start: Any) -> None:
+        self._marks.append((kind, index, start, self.clock.mark()))
+
+    def _read_marks(self) -> None:
+        """Fold the completed actions' times into the telemetry, in order, never waiting:
+        marks complete in order, so at a drain waiting for one last mark completes all."""
+        clock, tel = self.clock, self.telemetry
+        done = 0
+        for kind, index, start, end in self._marks:
+            if not clock.done(end):
+                break
+            dt = clock.seconds(start, end)
+            tel.busy_s += dt
+            tel.kind_s[kind] += dt
+            tel.kind_n[kind] += 1
+            if self.record_events:
+                tel.events.append((kind, index, clock.seconds(self._t0, start),
+                                   clock.seconds(self._t0, end)))
+            self._last_end = end
+            done += 1
+        del self._marks[:done]
 
     def _inputs(self, action: Action, batches: Iterator | None, what: str) -> dict:
         """This stage's forward arguments for micro-batch ``action.index``: tokens on the
@@ -176,7 +193,7 @@ class PipelineExecutor:
         hidden = inputs["hidden"]
         if hidden is not None:
             hidden.requires_grad_(True)
-        start = time.perf_counter()
+        start = self.clock.mark()
         self.telemetry.versions[j] = [self.policy.forward_version(j), -1]
         if self.verify_versions:
             self.telemetry.checksums[j] = [self.policy.checksum(j)]
@@ -198,7 +215,7 @@ class PipelineExecutor:
         grad = None
         if not self.last:
             grad = self._recv(self.next_rank, f"gradients of micro-batch {j}", action)
-        start = time.perf_counter()
+        start = self.clock.mark()
         self.telemetry.versions[j][1] = self.policy.backward_version(j)
         if self.verify_versions:
             self.telemetry.checksums[j].append(self.policy.checksum(j))
@@ -216,7 +233,7 @@ class PipelineExecutor:
             self._drain_sends()
             if self.pstate.pipeline_group is not None:
                 dist.barrier(group=self.pstate.pipeline_group)
-        start = time.perf_counter()
+        start = self.clock.mark()
         self.policy.before_step()
         norm, skipped = self.optimizer.step(self.lr_schedule.lr)
         self.policy.after_step()
@@ -237,7 +254,11 @@ class PipelineExecutor:
         tel = self.telemetry
         wall = tel.wall_s
         if self._segment_start is not None:
-            wall += time.perf_counter() - self._segment_start
+            self._read_marks()
+            now = self.clock.mark()
+            if not self.clock.done(now):  # a GPU still busy: up to the last action read
+                now = self._last_end
+            wall += self.clock.seconds(self._segment_start, now)
         return max(0.0, 1.0 - tel.busy_s / wall) if wall > 0 else 0.0
 
     def train_segment(self, batches: Iterator | None, first_window: int, num_windows: int,
@@ -250,7 +271,7 @@ class PipelineExecutor:
         losses: dict[int, torch.Tensor] = {}
         scale = 1.0 / self.window
         self.optimizer.zero_grad()
-        wall_start = self._segment_start = time.perf_counter()
+        self._segment_start = self._last_end = self.clock.mark()
         for action in actions:
             if action.kind == "F":
                 self._forward(action, batches, in_flight, losses, scale)
@@ -265,7 +286,11 @@ class PipelineExecutor:
                 loss = torch.stack(window_losses).mean() if window_losses else None
                 on_step(k, loss, norm, skipped)
         self._drain_sends()
-        self.telemetry.wall_s += time.perf_counter() - wall_start
+        end = self.clock.mark()
+        self.clock.wait(end)
+        self._read_marks()
+        assert not self._marks, f"stage {self.stage}: action times left unread"
+        self.telemetry.wall_s += self.clock.seconds(self._segment_start, end)
         self._segment_start = None
         assert not in_flight, f"stage {self.stage}: micro-batches left in flight {in_flight}"
 
