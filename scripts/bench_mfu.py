@@ -43,28 +43,15 @@ from megatron_paci.model.gpt import GPTModel, count_parameters, padded_vocab_siz
 from megatron_paci.model.transformer import LayerContext, ffn_size  # noqa: E402
 from megatron_paci.optim.optimizer import Optimizer  # noqa: E402
 from megatron_paci.parallel.state import single_process  # noqa: E402
-from megatron_paci.training.flops import flops_per_token  # noqa: E402
+from megatron_paci.training.flops import (  # noqa: E402
+    dense_bf16_peak_tflops,
+    flops_per_token,
+)
 
 GPT2_VOCAB = 50257
 TARGET_MFU = 0.45
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
-# Matched in order against the device name, so the more specific names come first.
-DENSE_BF16_PEAK = (
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),  # SXM
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM ("H100 80GB HBM3")
-    ("A100", 312.0),
-)
 FORMULA = ("FLOPs/token = 6·(L·(4h² + 2hf) + hV) + 6·L·s·h  "
            "(matmuls only; fwd+bwd = 3×fwd; causal attention counted as half of 12·L·s·h)")
-
-
-def dense_peak_tflops(device_name: str) -> float | None:
-    for key, tflops in DENSE_BF16_PEAK:
-        if key.lower() in device_name.lower():
-            return tflops
-    return None
 
 
 def model_config(smoke: bool) -> ModelConfig:
@@ -163,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup = max(warmup, 1)  # the first step compiles
     steps = steps if args.steps is None else args.steps
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or (dense_peak_tflops(device_name) if device.type == "cuda"
+    peak = args.peak_tflops or (dense_bf16_peak_tflops(device_name) if device.type == "cuda"
                                 else None)
 
     cfg = model_config(args.smoke)

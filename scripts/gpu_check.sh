@@ -18,7 +18,8 @@
 #                           peak memory, fused vs torch), stdout and stderr
 #   kernels_gpu.md          bench_kernels.py --no-compile: Triton vs torch eager, targets
 #   kernels_gpu_compile.md  bench_kernels.py with the torch.compile rows (if time is left)
-#   train_gpu.txt           a real pretrain_gpt.py run (bf16, Triton) stopped and resumed
+#   train_gpu.txt           a real pretrain_gpt.py run (bf16, Triton) stopped and resumed,
+#                           then GPT-2 Medium through pretrain_gpt.py (its log's MFU)
 #   bench_mfu.txt           bench_mfu.py (kernels.backend=auto), then --backend torch
 #   summary.txt             step, exit status (124/137: timed out), seconds, command
 # The exit status is 0 when every step that ran exited 0.
@@ -38,12 +39,14 @@ usage() {
 SMOKE=0
 ENV_ONLY=0  # --env-report: the env step, run by this script under `timeout`
 TRAIN_RUN=""  # --train-run=ITERS,STOP: the train_gpu step, likewise
+TRAIN_MEDIUM=""  # --train-medium=ITERS,MICRO: the train_medium step, likewise
 OUT_ARG=""
 for arg in "$@"; do
     case "$arg" in
         --cpu-smoke) SMOKE=1 ;;
         --env-report) ENV_ONLY=1 ;;
         --train-run=*) TRAIN_RUN=${arg#*=} ;;
+        --train-medium=*) TRAIN_MEDIUM=${arg#*=} ;;
         -h | --help) usage; exit 0 ;;
         -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
         *)
@@ -119,6 +122,44 @@ if [ -n "$TRAIN_RUN" ]; then
         logging.plot=false)
     "$PY" "${cfg[@]}" "train.exit_interval=$stop"
     "$PY" "${cfg[@]}"
+    exit
+fi
+
+# --train-medium=ITERS,MICRO: GPT-2 Medium (configs/gpt2_medium.yaml, or a 2-layer
+# model with --cpu-smoke) through pretrain_gpt.py on random tokens (twice what ITERS
+# iterations of 8 micro-batches of MICRO read): the trainer's own tokens/s and MFU,
+# executor and data loader included, beside bench_mfu.py's bare training step.
+if [ -n "$TRAIN_MEDIUM" ]; then
+    cd "$ROOT" || exit 2
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    iters=${TRAIN_MEDIUM%,*} micro=${TRAIN_MEDIUM#*,}
+    data=$(mktemp -d) || exit 2
+    set -e
+    "$PY" - "$data/random" "$((iters * micro * 8 * 1025 / 2048 + 8))" <<'EOF'
+import sys
+
+import numpy as np
+
+from megatron_paci.data.indexed_dataset import IndexedDatasetBuilder
+
+prefix, docs = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
+for _ in range(docs):
+    builder.add_document(rng.integers(0, 50256, size=4096))
+builder.finalize(prefix + ".idx")
+print(f"random tokens: {docs} documents of 4096 at {prefix}")
+EOF
+    extra=()
+    if [ "$SMOKE" = 1 ]; then
+        extra=(model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4
+            model.seq_length=64)
+    fi
+    "$PY" pretrain_gpt.py --config configs/gpt2_medium.yaml "data.path=[$data/random]" \
+        data.tokenizer=null:50257 "train.iters=$iters" "train.micro_batch_size=$micro" \
+        "train.global_batch_size=$((micro * 8))" train.eval_interval=0 \
+        checkpoint.save_at_end=false logging.interval=1 logging.plot=false \
+        "run.dir=$data/run" "${extra[@]}"
     exit
 fi
 
@@ -232,6 +273,14 @@ if [ "$SMOKE" = 1 ]; then
     run_step train_gpu 120 20 train_gpu.txt bash "${BASH_SOURCE[0]}" --train-run=4,2
 else
     run_step train_gpu 120 60 train_gpu.txt bash "${BASH_SOURCE[0]}" --train-run=60,30
+fi
+
+# e2. GPT-2 Medium through the trainer: MFU of what pretrain_gpt.py runs.
+if [ "$SMOKE" = 1 ]; then
+    run_step train_medium 120 20 train_gpu.txt bash "${BASH_SOURCE[0]}" --cpu-smoke \
+        --train-medium=2,2
+else
+    run_step train_medium 150 90 train_gpu.txt bash "${BASH_SOURCE[0]}" --train-medium=12,16
 fi
 
 # Extras, while the budget lasts: the torch baseline for MFU, then the kernel benchmark

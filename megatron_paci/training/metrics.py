@@ -25,6 +25,7 @@ def format_log_line(row: dict[str, Any], total_iters: int) -> str:
         f"elapsed time per iteration (ms): {row['ms_per_iter']:.1f}",
         f"throughput (tokens/s): {row['tokens_per_s']:.0f}",
         f"TFLOP/s/GPU: {row['tflops']:.3f}",
+        *([f"MFU: {100 * row['mfu']:.1f}%"] if "mfu" in row else []),
         f"learning rate: {row['lr']:.6E}",
         f"global batch size: {row['global_batch_size']:5d}",
         f"lm loss: {row['loss']:.6E}",

@@ -45,7 +45,7 @@ from megatron_paci.pipeline.schedules import Action
 from megatron_paci.pipeline.simulate import Timeline, draw
 from megatron_paci.pipeline.traits import schedule_traits
 from megatron_paci.tensor_parallel import model_parallel_seed
-from megatron_paci.training.flops import flops_per_token
+from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
@@ -145,6 +145,11 @@ class Trainer:
         self.parity_report = self._check_kernels() if cfg.kernels.parity_check else []
         self.progress = Progress()
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size)
+        # MFU is logged where it means something: half precision on a GPU whose
+        # dense bf16 peak is known (training/flops.py).
+        self.peak_tflops = (dense_bf16_peak_tflops(torch.cuda.get_device_name(self.device))
+                            if self.device.type == "cuda" and self.autocast_dtype is not None
+                            else None)
         self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
         self.metrics = MetricsWriter(cfg, self.log_enabled)
 
@@ -500,6 +505,8 @@ class Trainer:
             "skipped_iters": p.skipped_iters,
             "global_batch_size": self.cfg.train.global_batch_size,
         }
+        if self.peak_tflops:
+            row["mfu"] = row["tflops"] / self.peak_tflops
         for kind in ("tp", "dp", "pp"):
             row[f"comm_bytes_{kind}"] = sum(x[2].get(kind, 0) for x in window) // len(window)
         self.metrics.log(row, total_iters=self.cfg.train.iters)
