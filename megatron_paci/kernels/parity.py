@@ -31,31 +31,41 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
 
 
-def _cases(s: Shapes, dtype: torch.dtype, device: torch.device, group,
-           gen: torch.Generator) -> dict[str, tuple[tuple, list[int]]]:
-    """Per op: (arguments, indices of the arguments whose gradients are compared)."""
-    def rnd(*shape, dt=dtype, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
 
-    x = rnd(s.seq, s.batch, s.hidden)
-    w, b = rnd(s.hidden, dt=torch.float32) + 1.0, rnd(s.hidden, dt=torch.float32)
-    half = s.head_dim // 2
-    angles = torch.outer(torch.arange(s.seq, dtype=torch.float32),
-                         torch.rand(half, generator=gen))
-    cos = torch.cat([angles.cos(), angles.cos()], -1).to(device)
-    sin = torch.cat([angles.sin(), angles.sin()], -1).to(device)
-    vocab_total = s.vocab_total or s.vocab
-    target = torch.randint(0, vocab_total, (s.seq, s.batch), generator=gen).to(device)
-    return {
-        "layer_norm": ((x, w, b, 1e-5), [0, 1, 2]),
-        "rms_norm": ((x, w, 1e-5), [0, 1]),
-        "bias_gelu": ((rnd(s.seq, s.batch, s.ffn), rnd(s.ffn, dt=torch.float32)), [0, 1]),
-        "bias_dropout_add": ((rnd(s.seq, s.batch, s.hidden), rnd(s.hidden, dt=torch.float32),
-                              rnd(s.seq, s.batch, s.hidden, dt=torch.float32), 0.0, True),
-                             [0, 1, 2]),
-        "rotary": ((rnd(s.batch, s.heads, s.seq, s.head_dim), cos, sin), [0]),
-        "cross_entropy": ((rnd(s.seq, s.batch, s.vocab, scale=2.0), target, group), [0]),
-    }
+
+def _case(op: str, s: Shapes, dtype: torch.dtype, device: torch.device, group,
+          gen: torch.Generator) -> tuple[tuple, list[int]]:
+    """One op's arguments and the indices of those whose gradients are compared. Drawn on
+    the device (a CPU generator for a large run's vocab-sized logits would take seconds),
+    and only for ``op``."""
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dt)
+
+    def f32(*shape):
+        return rnd(*shape, dt=torch.float32)
+
+    if op == "layer_norm":
+        return (rnd(s.seq, s.batch, s.hidden), f32(s.hidden) + 1.0, f32(s.hidden), 1e-5), [0, 1, 2]
+    if op == "rms_norm":
+        return (rnd(s.seq, s.batch, s.hidden), f32(s.hidden) + 1.0, 1e-5), [0, 1]
+    if op == "bias_gelu":
+        return (rnd(s.seq, s.batch, s.ffn), f32(s.ffn)), [0, 1]
+    if op == "bias_dropout_add":
+        return ((rnd(s.seq, s.batch, s.hidden), f32(s.hidden), f32(s.seq, s.batch, s.hidden),
+                 0.0, True), [0, 1, 2])
+    if op == "rotary":
+        angles = torch.outer(torch.arange(s.seq, dtype=torch.float32, device=device),
+                             torch.rand(s.head_dim // 2, generator=gen, device=device))
+        cos = torch.cat([angles.cos(), angles.cos()], -1)
+        sin = torch.cat([angles.sin(), angles.sin()], -1)
+        return (rnd(s.batch, s.heads, s.seq, s.head_dim), cos, sin), [0]
+    if op == "cross_entropy":
+        target = torch.randint(0, s.vocab_total or s.vocab, (s.seq, s.batch), generator=gen,
+                               device=device)
+        return (rnd(s.seq, s.batch, s.vocab, scale=2.0), target, group), [0]
+    raise ValueError(f"no parity case for op '{op}'")
 
 
 def _run(fn: Callable, args: tuple, grad_idx: list[int], gen: torch.Generator):
@@ -63,7 +73,7 @@ def _run(fn: Callable, args: tuple, grad_idx: list[int], gen: torch.Generator):
                  if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for i, a in enumerate(args))
     out = fn(*args)
-    g = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+    g = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
     out.backward(g)
     return [out.detach().float()] + [args[i].grad.float() for i in grad_idx]
 
@@ -72,11 +82,13 @@ def _adamw_steps(build: Callable, shapes: Shapes, device: torch.device, seed: in
                  steps: int = 3) -> list[torch.Tensor]:
     """Parameters after a few AdamW steps on fixed gradients, one decayed group and one
     not (the optimizer's real grouping), fp32 as the optimizer keeps them."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shapes.hidden, shapes.ffn, generator=gen).to(device)
-    b = torch.randn(shapes.ffn, generator=gen).to(device)
-    grads = [(torch.randn(w.shape, generator=gen).to(device),
-              torch.randn(b.shape, generator=gen).to(device)) for _ in range(steps)]
+    gen = _generator(device, seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    w, b = rnd(shapes.hidden, shapes.ffn), rnd(shapes.ffn)
+    grads = [(rnd(*w.shape), rnd(*b.shape)) for _ in range(steps)]
     opt = build([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
                 lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     for gw, gb in grads:
@@ -101,10 +113,9 @@ def _check_adamw(kernels: Kernels, backend: str, shapes: Shapes, device: torch.d
 
 def _check_op(op: str, kernels: Kernels, backend: str, shapes: Shapes, dtype: torch.dtype,
               device: torch.device, group, seed: int) -> float:
-    gen = torch.Generator().manual_seed(seed)
-    args, grad_idx = _cases(shapes, dtype, device, group, gen)[op]
-    got = _run(getattr(kernels, op), args, grad_idx, torch.Generator().manual_seed(seed))
-    want = _run(_TORCH[op], args, grad_idx, torch.Generator().manual_seed(seed))
+    args, grad_idx = _case(op, shapes, dtype, device, group, _generator(device, seed))
+    got = _run(getattr(kernels, op), args, grad_idx, _generator(device, seed))
+    want = _run(_TORCH[op], args, grad_idx, _generator(device, seed))
     names = ["output"] + [f"grad[{i}]" for i in grad_idx]
     tol = _tolerance(dtype)
     worst = 0.0
