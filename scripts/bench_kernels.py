@@ -14,10 +14,16 @@ fails the call is timed eagerly and the row says so.
 
     python scripts/bench_kernels.py --output docs/kernels_gpu.md   # one GPU, a few minutes
     python scripts/bench_kernels.py --smoke                          # CPU, seconds, torch only
+    python scripts/bench_kernels.py --sweep-norm-tiles               # LayerNorm/RMSNorm tiles
 
 ``--smoke`` runs tiny shapes on the CPU with ``time.perf_counter``, torch eager only
 (plus Triton through the interpreter when ``TRITON_INTERPRET=1`` is set): it only keeps
 the code path alive, its numbers mean nothing.
+
+``--sweep-norm-tiles`` times the Triton LayerNorm and RMSNorm at the first shape under
+every tile (rows per program x warps) instead, the tile the kernels pick marked: the
+backward keeps a whole tile of fp32 values per thread, so the tile decides registers,
+occupancy and bandwidth, and only a GPU can say which is fastest.
 """
 
 from __future__ import annotations
@@ -497,6 +503,59 @@ def targets(rows: list[Row], shapes: Sequence[Shape], copy_gbps: float) -> list[
     return out
 
 
+NORM_TILES = tuple((block_m, warps) for block_m in (1, 2, 4, 8) for warps in (2, 4, 8, 16))
+SMOKE_NORM_TILES = ((1, 4), (8, 4))  # the interpreter takes seconds per tile
+
+
+def sweep_norm_tiles(shape: Shape, device: torch.device, dtype: torch.dtype, timer: Timer,
+                     tiles: Sequence[tuple[int, int]] = NORM_TILES) -> list[Row]:
+    """LayerNorm and RMSNorm under each (BLOCK_M, num_warps) tile; the picker is put back."""
+    import triton
+
+    from megatron_paci.kernels import triton_norms
+
+    picker = triton_norms._tile
+    rows = []
+    try:
+        for block_m, warps in tiles:
+            triton_norms._tile = lambda n, m=block_m, w=warps: (m, triton.next_power_of_2(n), w)
+            for op in ("layer_norm", "rms_norm"):
+                impl = f"BLOCK_M={block_m}, warps={warps}"
+                try:
+                    rows.append(bench_one(op, impl, getattr(triton_norms, op), shape, device,
+                                          dtype, timer))
+                except Exception as e:  # a tile that does not compile is a row, not the end
+                    rows.append(_failure(shape, op, impl, e))
+                print(f"bench_kernels: tile {impl} {op}: "
+                      + (rows[-1].error or f"fwd+bwd {_f(rows[-1].fwdbwd_ms, '.4f')} ms"),
+                      file=sys.stderr, flush=True)
+    finally:
+        triton_norms._tile = picker
+    block_m, _, warps = picker(shape.hidden)
+    chosen = f"BLOCK_M={block_m}, warps={warps}"
+    for r in rows:
+        if r.impl == chosen:
+            r.impl += " (picked)"
+    return rows
+
+
+def tile_report(rows: list[Row], shape: Shape, copy_gbps: float, header: list[str]) -> str:
+    out = list(header) + [
+        f"### Norm tiles at {shape.name}: {shape.seq * shape.batch} rows x h={shape.hidden}",
+        "", f"Copy bandwidth: {copy_gbps:.0f} GB/s.", "",
+        "| op | tile | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy |",
+        "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.error:
+            out.append(f"| {r.op} | {r.impl} | {r.error} | | | |")
+            continue
+        fwd, both = r.gbps(True), r.gbps(False)
+        out.append(f"| {r.op} | {r.impl} | {_f(r.fwd_ms, '.4f')} | "
+                   f"{_f(fwd and 100 * fwd / copy_gbps, '.0f')} | {_f(r.fwdbwd_ms, '.4f')} | "
+                   f"{_f(both and 100 * both / copy_gbps, '.0f')} |")
+    return "\n".join(out) + "\n"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true",
@@ -508,6 +567,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 5; smoke 1)")
     p.add_argument("--iters", type=int, default=None, help="timed calls (default 30; smoke 2)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--sweep-norm-tiles", action="store_true",
+                   help="instead: Triton LayerNorm/RMSNorm under every tile, first shape")
     return p.parse_args(argv)
 
 
@@ -550,6 +611,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
     copy_bps = copy_bandwidth(device, timer, args.smoke)
+    if args.sweep_norm_tiles:
+        if "triton" not in impls:
+            print(f"bench_kernels: --sweep-norm-tiles needs Triton: {'; '.join(notes)}",
+                  file=sys.stderr)
+            return 2
+        tiles = SMOKE_NORM_TILES if args.smoke else NORM_TILES
+        text = tile_report(sweep_norm_tiles(shapes[0], device, dtype, timer, tiles),
+                           shapes[0], copy_bps / 1e9, header)
+        print(text, end="")
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text)
+        return 0
     rows = run(shapes, args.ops, device, dtype, impls, timer,
                adamw_implementations(device, args.smoke))
     text = report(rows, shapes, copy_bps, header, check_targets=not args.smoke)

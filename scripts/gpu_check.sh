@@ -14,8 +14,8 @@
 # output also shown on stdout:
 #   env.txt                 nvidia-smi, python, torch/triton versions, device, git state
 #   kernel_tests.txt        MEGATRON_PACI_TEST_DEVICE=cuda pytest tests/kernels (compiled)
-#   bench_kernels.txt       both bench_kernels.py runs and bench_ce_memory.py (cross-entropy
-#                           peak memory, fused vs torch), stdout and stderr
+#   bench_kernels.txt       the bench_kernels.py runs (and its norm-tile sweep) and
+#                           bench_ce_memory.py (cross-entropy peak memory, fused vs torch)
 #   kernels_gpu.md          bench_kernels.py --no-compile: Triton vs torch eager, targets
 #   kernels_gpu_compile.md  bench_kernels.py with the torch.compile rows (if time is left)
 #   train_gpu.txt           a real pretrain_gpt.py run (bf16, Triton) stopped and resumed,
@@ -283,15 +283,18 @@ else
     run_step train_medium 150 90 train_gpu.txt bash "${BASH_SOURCE[0]}" --train-medium=12,16
 fi
 
-# Extras, while the budget lasts: the torch baseline for MFU, then the kernel benchmark
-# with its torch.compile rows.
+# Extras, while the budget lasts: the torch baseline for MFU, the LayerNorm/RMSNorm
+# tile sweep, then torch.compile for MFU and in the kernel benchmark.
 if [ "$SMOKE" = 1 ]; then
     skip_step bench_mfu_torch "--cpu-smoke: --smoke already runs the torch references"
+    skip_step norm_tiles "--cpu-smoke: tests/unit/test_bench_scripts.py runs the sweep"
     skip_step bench_mfu_compile "--cpu-smoke: torch.compile takes longer than the smoke run"
     skip_step bench_kernels_compile "--cpu-smoke: --smoke never runs torch.compile"
 else
     run_step bench_mfu_torch 90 60 bench_mfu.txt env -u TRITON_INTERPRET "${MFU[@]}" \
         --backend torch
+    run_step norm_tiles 90 45 bench_kernels.txt env -u TRITON_INTERPRET \
+        "$PY" scripts/bench_kernels.py --sweep-norm-tiles
     run_step bench_mfu_compile 150 120 bench_mfu.txt env -u TRITON_INTERPRET "${MFU[@]}" \
         --backend torch --compile
     run_step bench_kernels_compile 300 90 bench_kernels.txt env -u TRITON_INTERPRET \

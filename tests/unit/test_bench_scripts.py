@@ -33,9 +33,13 @@ def _load(name: str) -> ModuleType:
 
 @pytest.fixture
 def torch_only(monkeypatch):
-    # conftest turns the Triton interpreter on for CPU machines; the smoke runs here
-    # are about the scripts, so they stay on the torch references (fast).
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # The smoke runs here are about the scripts, so they stay on the torch references
+    # (fast). TRITON_INTERPRET stays as conftest set it: a triton imported without it
+    # (torch imports triton on the way) would leave later kernels uninterpreted.
+    from megatron_paci.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_status",
+                        lambda device: (False, "left out by this test"))
 
 
 def test_bench_kernels_smoke_prints_every_op(tmp_path, capsys, torch_only):
@@ -55,6 +59,22 @@ def test_bench_kernels_smoke_prints_every_op(tmp_path, capsys, torch_only):
         assert f"- `{op}`: fwd: " in out, op  # the bytes formula of every op
     assert "failed" not in out
     assert "triton: not run" in out and "torch.compile: not run (--smoke)" in out
+
+
+def test_norm_tile_sweep_times_each_tile_and_puts_the_picker_back(capsys):
+    pytest.importorskip("triton")  # through the interpreter (tests/conftest.py)
+    from megatron_paci.kernels import triton_norms
+
+    picker = triton_norms._tile
+    bench = _load("bench_kernels")
+    assert bench.main(["--smoke", "--sweep-norm-tiles"]) == 0
+    out = capsys.readouterr().out
+    assert "### Norm tiles at smoke: 32 rows x h=64" in out
+    for op in ("layer_norm", "rms_norm"):
+        for block_m, warps in bench.SMOKE_NORM_TILES:
+            assert f"| {op} | BLOCK_M={block_m}, warps={warps} | " in out
+    assert "failed" not in out
+    assert triton_norms._tile is picker
 
 
 def test_bench_kernels_bytes_follow_the_formulas():
@@ -114,7 +134,8 @@ def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     status = {line.split()[0]: line.split()[1] for line in lines[1:-1]}
     assert status == {"env": "0", "kernel_tests": "0", "bench_kernels": "0", "ce_memory": "0",
                       "bench_mfu": "0", "train_gpu": "0", "train_medium": "0",
-                      "bench_mfu_torch": "skipped", "bench_mfu_compile": "skipped",
+                      "bench_mfu_torch": "skipped", "norm_tiles": "skipped",
+                      "bench_mfu_compile": "skipped",
                       "bench_kernels_compile": "skipped"}
     assert lines[-1].startswith("total ")
     assert "torch " in (out / "env.txt").read_text()
