@@ -9,11 +9,14 @@ action ran. Nothing here branches on the schedule's name beyond asking
 whether a STEP is global (1F1B-flush) or local.
 
 Sends are posted asynchronously and waited for at the end of a segment;
-receives are posted when their action needs them. Losses stay on the device
-until the STEP: reading one per micro-batch (``.item()``) would make the host
-wait for the GPU before it could queue the next micro-batch's kernels. Both directions between a
+receives are posted when their action needs them. Both directions between a
 pair of stages carry one kind of message each, in micro-batch order, so the
 messages match without tags and 1F1B's order cannot deadlock.
+
+Nothing is read back to the host per micro-batch: losses stay on the device
+until the STEP, and action times are marks (clock.py) read as they complete.
+On a GPU a read per micro-batch would make the host wait for the device before
+it could queue the next micro-batch's kernels.
 """
 
 from __future__ import annotations
