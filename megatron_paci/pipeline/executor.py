@@ -286,7 +286,9 @@ class PipelineExecutor:
                 window_losses = [losses.pop(j) for j in range((k - 1) * self.window + 1,
                                                                k * self.window + 1)
                                  if j in losses]
-                loss = torch.stack(window_losses).mean() if window_losses else None
+                # Averaged in float64, as the log always has.
+                loss = (torch.stack(window_losses).double().mean() if window_losses
+                        else None)
                 on_step(k, loss, norm, skipped)
         self._drain_sends()
         end = self.clock.mark()
@@ -308,7 +310,7 @@ class PipelineExecutor:
             with self.autocast():
                 out = self.model(**inputs)
             if self.last:
-                loss = out.float().mean()
+                loss = out.float().mean().double()
                 total = loss if total is None else total + loss
                 count += 1
             else:
