@@ -127,6 +127,16 @@ class Trainer:
         self.log_enabled = self.pstate.is_logging_rank
 
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if t.sample_tokens > 0 and t.sample_prompt:
+            # Checked now: the sample is drawn after the last step, the worst time to fail.
+            try:
+                self.tokenizer.tokenize(t.sample_prompt)
+            except ValueError as e:
+                raise ConfigError(
+                    f"train.sample_prompt={t.sample_prompt!r} cannot be tokenized by "
+                    f"data.tokenizer={cfg.data.tokenizer} ({e}); give text that tokenizer "
+                    "reads (the null tokenizer takes whitespace-separated ids), an empty "
+                    "prompt, or train.sample_tokens=0") from e
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size,
                                              self.pstate.tensor_size)
         eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0

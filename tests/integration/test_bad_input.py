@@ -65,6 +65,15 @@ def test_sequence_longer_than_position_table(text_dataset, tmp_path):
                  tmp_path, "model.seq_length=32", "model.max_position_embeddings=16")
 
 
+def test_sample_prompt_the_null_tokenizer_cannot_read(text_dataset, tmp_path):
+    # A text prompt with token ids for data: it would only fail after the last step.
+    prefix, _ = text_dataset
+    launch_fails([*tiny_overrides(prefix, "null:600", tmp_path), "train.sample_tokens=8",
+                  "train.sample_prompt=The history of"], tmp_path,
+                 "train.sample_prompt='The history of'", "data.tokenizer=null:600",
+                 "train.sample_tokens=0")
+
+
 def test_missing_tokenizer(text_dataset, tmp_path):
     prefix, _ = text_dataset
     missing = str(tmp_path / "missing.model")
