@@ -82,7 +82,7 @@ import importlib
 import sys
 
 print("python", sys.version.split()[0], sys.executable)
-for name in ("torch", "triton", "numpy", "yaml", "pytest"):
+for name in ("torch", "triton", "numpy", "yaml", "pytest", "sentencepiece"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as e:  # report and go on: the steps below will say what it breaks
@@ -103,23 +103,54 @@ if [ "$ENV_ONLY" = 1 ]; then
     exit
 fi
 
+# random_tokens PREFIX DOCS VOCAB: an indexed dataset of DOCS documents of 4096 random
+# tokens below VOCAB, for runs that measure speed or need no sentencepiece.
+random_tokens() {
+    "$PY" - "$@" <<'EOF'
+import sys
+
+import numpy as np
+
+from megatron_paci.data.indexed_dataset import IndexedDatasetBuilder
+
+prefix, docs, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
+for _ in range(docs):
+    builder.add_document(rng.integers(0, vocab - 1, size=4096))
+builder.finalize(prefix + ".idx")
+print(f"random tokens: {docs} documents of 4096 below {vocab} at {prefix}")
+EOF
+}
+
 # --train-run=ITERS,STOP: a small corpus, tokenizer and indexed data, then a tiny GPT
 # trained with everything on auto, stopped at STOP and relaunched to finish ITERS.
+# Without sentencepiece (the device image may lack it): random tokens, null tokenizer.
 if [ -n "$TRAIN_RUN" ]; then
     cd "$ROOT" || exit 2
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     iters=${TRAIN_RUN%,*} stop=${TRAIN_RUN#*,}
     data=$(mktemp -d) || exit 2
     set -e
-    "$PY" -m data_prep.build_corpus --output "$data" --sources pydoc --max-mb 0.4
-    "$PY" -m data_prep.train_tokenizer --input "$data/corpus.jsonl" --vocab-size 512 \
-        --output "$data/tok"
-    "$PY" -m data_prep.preprocess --input "$data/corpus.jsonl" --tokenizer "$data/tok.model" \
-        --output-prefix "$data/text_document" --append-eod --workers 2
+    sample=()
+    if "$PY" -c "import sentencepiece" 2>/dev/null; then
+        "$PY" -m data_prep.build_corpus --output "$data" --sources pydoc --max-mb 0.4
+        "$PY" -m data_prep.train_tokenizer --input "$data/corpus.jsonl" --vocab-size 512 \
+            --output "$data/tok"
+        "$PY" -m data_prep.preprocess --input "$data/corpus.jsonl" \
+            --tokenizer "$data/tok.model" --output-prefix "$data/text_document" \
+            --append-eod --workers 2
+        tokenizer=$data/tok.model
+    else
+        echo "sentencepiece is not importable: random tokens and the null tokenizer instead"
+        random_tokens "$data/text_document" 64 512
+        tokenizer=null:512
+        sample=("train.sample_prompt=")  # tiny.yaml's text prompt is not token ids
+    fi
     cfg=(pretrain_gpt.py --config configs/tiny.yaml "data.path=[$data/text_document]"
-        "data.tokenizer=$data/tok.model" "run.dir=$data/run" "train.iters=$iters"
+        "data.tokenizer=$tokenizer" "run.dir=$data/run" "train.iters=$iters"
         "train.eval_interval=$stop" train.eval_iters=1 checkpoint.interval=0
-        logging.plot=false)
+        logging.plot=false "${sample[@]}")
     "$PY" "${cfg[@]}" "train.exit_interval=$stop"
     "$PY" "${cfg[@]}"
     exit
@@ -135,21 +166,7 @@ if [ -n "$TRAIN_MEDIUM" ]; then
     iters=${TRAIN_MEDIUM%,*} micro=${TRAIN_MEDIUM#*,}
     data=$(mktemp -d) || exit 2
     set -e
-    "$PY" - "$data/random" "$((iters * micro * 8 * 1025 / 2048 + 8))" <<'EOF'
-import sys
-
-import numpy as np
-
-from megatron_paci.data.indexed_dataset import IndexedDatasetBuilder
-
-prefix, docs = sys.argv[1], int(sys.argv[2])
-rng = np.random.default_rng(0)
-builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
-for _ in range(docs):
-    builder.add_document(rng.integers(0, 50256, size=4096))
-builder.finalize(prefix + ".idx")
-print(f"random tokens: {docs} documents of 4096 at {prefix}")
-EOF
+    random_tokens "$data/random" "$((iters * micro * 8 * 1025 / 2048 + 8))" 50257
     extra=()
     if [ "$SMOKE" = 1 ]; then
         extra=(model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4
