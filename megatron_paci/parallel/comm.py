@@ -15,6 +15,7 @@ nothing, so single-process code runs the same calls.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,14 +106,35 @@ def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
     return (out, work) if async_op else out
 
 
-def post_send(t: torch.Tensor, peer: int, kind: str = "pp") -> list:
-    """Post an asynchronous point-to-point send; the caller keeps ``t`` alive and
-    waits on the returned works before reusing or dropping it."""
-    STATS.add(kind, _nbytes(t))
-    return dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer)])
+# When a list, every point-to-point call appends its ops, [("send" | "recv", peer), ...]:
+# tests check the calls a run made against NCCL's blocking rules.
+P2P_CALLS: list[list[tuple[str, int]]] | None = None
 
 
-def recv(buf: torch.Tensor, peer: int) -> None:
-    """Blocking point-to-point receive into ``buf`` (batched irecv, then wait)."""
-    for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, peer)]):
-        work.wait()
+def p2p(sends: list[tuple[torch.Tensor, int]], recv: tuple[torch.Tensor, int] | None = None,
+        kind: str = "pp") -> tuple[list, Any]:
+    """Post ``sends`` (tensor, peer) and at most one receive (buffer, peer) as one batched
+    call, so NCCL progresses them together. Returns (the works to wait on before the
+    sent tensors may go, the work to wait on for the receive or None).
+
+    NCCL's send and receive block their stream until the peer's matching call runs: a
+    stage that sends to a neighbour and then receives from it, while the neighbour does
+    the same the other way round, deadlocks unless both pairs are posted together (what
+    Megatron's send_forward_recv_backward does). The caller keeps the sent tensors alive
+    until the works complete. gloo gives one work per op and waits on a receive's work
+    once only; NCCL gives one work for the whole call, which may be waited on again.
+    """
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    for t, _ in sends:
+        STATS.add(kind, _nbytes(t))
+    if recv is not None:
+        ops.append(dist.P2POp(dist.irecv, recv[0], recv[1]))
+    if P2P_CALLS is not None:
+        P2P_CALLS.append([("send", peer) for _, peer in sends]
+                         + ([("recv", recv[1])] if recv is not None else []))
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if recv is None:
+        return works, None
+    if len(works) == len(ops):  # one work per op, the receive's last
+        return works[:-1], works[-1]
+    return (works if sends else []), works[-1]

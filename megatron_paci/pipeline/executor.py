@@ -116,6 +116,7 @@ class PipelineExecutor:
         self.next_rank = ranks[self.stage + 1] if not self.last else None
         self.telemetry = Telemetry(stage=self.stage)
         self._pending_sends: list[tuple[Any, torch.Tensor]] = []
+        self._held: tuple[torch.Tensor, int] | None = None  # a send not posted yet
         self.clock = clock_for(device)
         self._t0 = self.clock.mark()
         self._segment_start: Any = None
@@ -125,18 +126,42 @@ class PipelineExecutor:
     # --- point-to-point ------------------------------------------------------
 
     def _send(self, tensor: torch.Tensor, peer: int) -> None:
+        """Hold the send for the next action: posted in one call with that action's
+        receive when it comes from the same peer (NCCL deadlocks otherwise, see
+        comm.p2p), else alone before the action starts (``_post_held``)."""
         # The wire format is fp32 (the agreed buffer dtype); the converted tensor is
         # what must stay alive until the send completes.
         tensor = tensor.detach().float().contiguous()
         if tensor.shape != self.shape:
             raise PipelineError(f"stage {self.stage}: sending shape {tuple(tensor.shape)}, "
                                 f"expected the agreed {self.shape}")
-        self._pending_sends.extend((w, tensor) for w in comm.post_send(tensor, peer, "pp"))
+        self._post_held()
+        self._held = (tensor, peer)
+
+    def _recv_peer(self, action: Action) -> int | None:
+        """The rank ``action`` receives from on this stage, if any."""
+        if action.kind == "F":
+            return self.prev_rank
+        return self.next_rank if action.kind == "B" else None
+
+    def _post_held(self, unless_peer: int | None = None) -> None:
+        """Post the held send alone, unless it goes to ``unless_peer`` (then the coming
+        receive from that peer takes it along)."""
+        if self._held is None or (unless_peer is not None and self._held[1] == unless_peer):
+            return
+        held, self._held = self._held, None
+        works, _ = comm.p2p([held], None, "pp")
+        self._pending_sends.extend((w, held[0]) for w in works)
 
     def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        self._post_held(unless_peer=peer)
+        sends = [self._held] if self._held is not None else []
+        self._held = None
         try:
-            comm.recv(buf, peer)
+            send_works, recv_work = comm.p2p(sends, (buf, peer), "pp")
+            self._pending_sends.extend((w, t) for w in send_works for t, _ in sends)
+            recv_work.wait()
         except Exception as e:  # gloo: peer closed or timed out
             peer_stage = self.pstate.pipeline_ranks.index(peer)
             raise PipelineError(
@@ -145,6 +170,7 @@ class PipelineExecutor:
         return buf
 
     def _drain_sends(self) -> None:
+        self._post_held()
         for work, _ in self._pending_sends:
             try:
                 work.wait()
@@ -276,6 +302,7 @@ class PipelineExecutor:
         self.optimizer.zero_grad()
         self._segment_start = self._last_end = self.clock.mark()
         for action in actions:
+            self._post_held(unless_peer=self._recv_peer(action))
             if action.kind == "F":
                 self._forward(action, batches, in_flight, losses, scale)
             elif action.kind == "B":
@@ -306,6 +333,7 @@ class PipelineExecutor:
         0-d tensor on the device (None elsewhere)."""
         total, count = None, 0
         for j in range(1, num_microbatches + 1):
+            self._post_held(unless_peer=self.prev_rank)
             inputs = self._inputs(Action("F", j), batches, "eval activations")
             with self.autocast():
                 out = self.model(**inputs)

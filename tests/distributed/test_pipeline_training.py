@@ -2,7 +2,8 @@
 
 P=2 and P=4, and P=2 with tp=2 or dp=2: the losses of 10 windows agree with
 the emulator to 1e-5 relative in fp32, for 1F1B-flush, PipeDream-2BW and
-PACI; 1F1B-flush also equals plain one-process training.
+PACI; 1F1B-flush also equals plain one-process training. Every run's point-to-point
+calls, replayed under NCCL's blocking rules (nccl_p2p_model.py), complete.
 """
 
 import os
@@ -10,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from launcher import spawn
+from nccl_p2p_model import stuck_calls
 from parallel_equality import config, losses, make_dataset, train
 from pipeline_oracle import emulated_losses
 
@@ -26,6 +28,7 @@ def pipeline_config(prefix, run_dir, schedule, stages, **extra):
 
 
 def _run(rank, world, prefix, root, stages, tp, extra, schedules=SCHEDULES):
+    from megatron_paci.parallel import comm
     from megatron_paci.parallel.state import initialize
 
     out = {}
@@ -33,13 +36,16 @@ def _run(rank, world, prefix, root, stages, tp, extra, schedules=SCHEDULES):
     for schedule in schedules:
         cfg = pipeline_config(prefix, os.path.join(root, schedule), schedule, stages,
                               **{"parallel.tensor": tp, **extra})
+        comm.P2P_CALLS = []
         trainer = train(cfg, pstate)
+        calls, comm.P2P_CALLS = comm.P2P_CALLS, None
         tel = trainer.executor.telemetry
         out[schedule] = {
             "losses": losses(cfg.run.dir) if trainer.log_enabled else None,
             "stage": pstate.pipeline_rank,
             "versions": tel.versions, "peak_in_flight": tel.peak_in_flight,
             "peak_versions": tel.peak_versions, "checksums": tel.checksums,
+            "p2p": calls,
         }
     return out
 
@@ -62,6 +68,10 @@ def _check(results, dataset, tmp_path, stages, dp=1, schedules=SCHEDULES, segmen
         assert len(got) == windows
         errors[schedule] = float((np.abs(got - want) / np.abs(want)).max())
     assert max(errors.values()) < 1e-5, errors
+    for schedule in schedules:
+        calls = {rank: r[schedule]["p2p"] for rank, r in enumerate(results)}
+        assert sum(map(len, calls.values())) > 0
+        assert stuck_calls(calls) is None, (schedule, stuck_calls(calls))
     window = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
     for schedule in schedules:
         for r in results:
