@@ -131,6 +131,10 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+    # NCCL: a batched point-to-point call must not be the first collective on its group
+    # (torch.distributed.batch_isend_irecv's note), and the pipeline's use the default
+    # group: every rank meets here once first.
+    dist.barrier()
     tp_rank, dp_rank, pp_rank = rank_coordinates(rank, tensor, data)
     groups: dict[str, object] = {}
     for dp_i in range(data):
