@@ -51,6 +51,7 @@ class Telemetry:
     versions: dict[int, list[int]] = field(default_factory=dict)  # j -> [v_F, v_B]
     checksums: dict[int, list[float]] = field(default_factory=dict)  # j -> [at F, at B]
     peak_in_flight: int = 0
+    peak_unfinished_sends: int = 0  # sends posted and not yet complete (memory held)
     peak_versions: int = 1
     events: list[tuple[str, int, float, float]] = field(default_factory=list)
     busy_s: float = 0.0
@@ -151,7 +152,7 @@ class PipelineExecutor:
             return
         held, self._held = self._held, None
         works, _ = comm.p2p([held], None, "pp")
-        self._pending_sends.extend((w, held[0]) for w in works)
+        self._keep_until_sent(works, [held])
 
     def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
@@ -160,23 +161,48 @@ class PipelineExecutor:
         self._held = None
         try:
             send_works, recv_work = comm.p2p(sends, (buf, peer), "pp")
-            self._pending_sends.extend((w, t) for w in send_works for t, _ in sends)
             recv_work.wait()
         except Exception as e:  # gloo: peer closed or timed out
             peer_stage = self.pstate.pipeline_ranks.index(peer)
             raise PipelineError(
                 f"stage {self.stage} (rank {self.pstate.rank}) was running {action} and waiting "
                 f"for {what} from stage {peer_stage} (rank {peer}): {e}") from e
+        self._keep_until_sent(send_works, sends)
         return buf
+
+    def _keep_until_sent(self, works: list, sends: list[tuple[torch.Tensor, int]]) -> None:
+        """Hold the sent tensors until their sends complete, and no more than 2P of them.
+
+        Under PACI and 2BW a segment can run thousands of actions before its drain;
+        holding every sent tensor until then would grow without bound. gloo reports a
+        send complete only once waited for, so beyond 2P the oldest is waited for: safe,
+        since the peer takes messages in order and needs nothing newer from this stage
+        before that one. On NCCL a wait only orders streams.
+        """
+        unfinished = []
+        for work, tensor in self._pending_sends:
+            if work.is_completed():
+                self._wait_send(work)  # returns at once; raises if the send failed
+            else:
+                unfinished.append((work, tensor))
+        unfinished.extend((w, t) for w in works for t, _ in sends)
+        while len(unfinished) > 2 * self.stages:
+            self._wait_send(unfinished.pop(0)[0])
+        self._pending_sends = unfinished
+        self.telemetry.peak_unfinished_sends = max(self.telemetry.peak_unfinished_sends,
+                                                   len(self._pending_sends))
+
+    def _wait_send(self, work: Any) -> None:
+        try:
+            work.wait()
+        except Exception as e:
+            raise PipelineError(f"stage {self.stage} (rank {self.pstate.rank}): a send "
+                                f"to a neighbouring stage failed: {e}") from e
 
     def _drain_sends(self) -> None:
         self._post_held()
         for work, _ in self._pending_sends:
-            try:
-                work.wait()
-            except Exception as e:
-                raise PipelineError(f"stage {self.stage} (rank {self.pstate.rank}): a send "
-                                    f"to a neighbouring stage failed: {e}") from e
+            self._wait_send(work)
         self._pending_sends.clear()
 
     # --- actions -----------------------------------------------------------
