@@ -40,6 +40,12 @@ class CommStats:
 
 STATS = CommStats()
 
+# torch 2.13 names them *_single and deprecates the older *_tensor names, which are all
+# that earlier releases (such as a GPU image's own torch) have.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
+                          or dist.reduce_scatter_tensor)
+
 
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -71,7 +77,7 @@ def all_gather(t: torch.Tensor, group, kind: str, dim: int = 0) -> torch.Tensor:
     out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
     if dim == 0:
         STATS.add(kind, (n - 1) / n * _nbytes(out))
-        dist.all_gather_single(out, t, group=group)
+        _all_gather_single(out, t, group=group)
         return out
     moved = t.movedim(dim, 0).contiguous()
     return all_gather(moved, group, kind, 0).movedim(0, dim).contiguous()
@@ -85,7 +91,7 @@ def all_gather_into(out: torch.Tensor, t: torch.Tensor, group, kind: str,
         out.copy_(t)
         return None
     STATS.add(kind, (n - 1) / n * _nbytes(out))
-    return dist.all_gather_single(out, t, group=group, async_op=async_op)
+    return _all_gather_single(out, t, group=group, async_op=async_op)
 
 
 def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
@@ -102,7 +108,7 @@ def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
         raise ValueError(f"reduce_scatter: size {t.shape[0]} along dim 0 not divisible by {n}")
     out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
     STATS.add(kind, (n - 1) / n * _nbytes(t))
-    work = dist.reduce_scatter_single(out, t, group=group, async_op=async_op)
+    work = _reduce_scatter_single(out, t, group=group, async_op=async_op)
     return (out, work) if async_op else out
 
 
