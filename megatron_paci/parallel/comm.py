@@ -40,8 +40,8 @@ class CommStats:
 
 STATS = CommStats()
 
-# torch 2.13 names them *_single and deprecates the older *_tensor names, which are all
-# that earlier releases (such as a GPU image's own torch) have.
+# torch 2.13 prefers the *_single names and deprecates the *_tensor ones; a release
+# without the new names gets the old.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
                           or dist.reduce_scatter_tensor)
