@@ -45,10 +45,16 @@ class PipelineError(RuntimeError):
 
 @dataclass
 class Telemetry:
-    """What one stage saw: versions per micro-batch, in-flight peak, action times."""
+    """What one stage saw: versions per micro-batch, in-flight peak, action times.
+
+    ``versions`` keeps a row per micro-batch only while it is in flight, unless the
+    executor is asked to keep them all (``keep_versions``: the CSV dump and the tests);
+    the most updates crossed is kept as a running maximum, so a run of millions of
+    micro-batches holds no per-micro-batch history."""
 
     stage: int
     versions: dict[int, list[int]] = field(default_factory=dict)  # j -> [v_F, v_B]
+    drift: int = 0  # most updates any finished micro-batch crossed
     checksums: dict[int, list[float]] = field(default_factory=dict)  # j -> [at F, at B]
     peak_in_flight: int = 0
     peak_unfinished_sends: int = 0  # sends posted and not yet complete (memory held)
@@ -64,8 +70,7 @@ class Telemetry:
 
     def max_drift(self) -> int:
         """Most updates any micro-batch crossed between its forward and backward."""
-        done = [vb - vf for vf, vb in self.versions.values() if vb >= 0]
-        return max(done, default=0)
+        return self.drift
 
     def rows(self) -> list[tuple[int, int, int, int]]:
         return [(self.stage, j, vf, vb) for j, (vf, vb) in sorted(self.versions.items())]
@@ -94,6 +99,7 @@ class PipelineExecutor:
         global_step: bool = True,
         record_events: bool = False,
         verify_versions: bool = False,
+        keep_versions: bool = True,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -108,6 +114,7 @@ class PipelineExecutor:
         self.global_step = global_step
         self.record_events = record_events
         self.verify_versions = verify_versions
+        self.keep_versions = keep_versions or verify_versions
         self.stage = pstate.pipeline_rank
         self.stages = pstate.pipeline_size
         self.first = pstate.is_first_stage
@@ -271,9 +278,13 @@ class PipelineExecutor:
         if not self.last:
             grad = self._recv(self.next_rank, f"gradients of micro-batch {j}", action)
         start = self.clock.mark()
-        self.telemetry.versions[j][1] = self.policy.backward_version(j)
+        tel = self.telemetry
+        tel.versions[j][1] = self.policy.backward_version(j)
+        tel.drift = max(tel.drift, tel.versions[j][1] - tel.versions[j][0])
+        if not self.keep_versions:
+            del tel.versions[j]
         if self.verify_versions:
-            self.telemetry.checksums[j].append(self.policy.checksum(j))
+            tel.checksums[j].append(self.policy.checksum(j))
         # Only the window's last backward starts the data-parallel reduction.
         self.optimizer.grad_buffer.sync_enabled = j % self.window == 0
         torch.autograd.backward(item.output, grad_tensors=grad)

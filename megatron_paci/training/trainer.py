@@ -204,6 +204,7 @@ class Trainer:
             device=self.device, autocast=self._autocast, global_step=self.traits.global_step,
             record_events=cfg.pipeline.timeline,
             verify_versions=cfg.pipeline.verify_versions,
+            keep_versions=cfg.pipeline.dump_versions,
         )
 
     def _check_kernels(self) -> list[str]:

@@ -46,6 +46,7 @@ def _run(rank, world, prefix, root, stages, tp, extra, schedules=SCHEDULES):
             "versions": tel.versions, "peak_in_flight": tel.peak_in_flight,
             "peak_versions": tel.peak_versions, "checksums": tel.checksums,
             "p2p": calls, "peak_unfinished_sends": tel.peak_unfinished_sends,
+            "max_drift": tel.max_drift(),
         }
     return out
 
@@ -81,6 +82,7 @@ def _check(results, dataset, tmp_path, stages, dp=1, schedules=SCHEDULES, segmen
             # Sent tensors are let go as their sends complete, not held to the drain.
             assert res["peak_unfinished_sends"] <= 2 * stages, res["peak_unfinished_sends"]
             drift = max(vb - vf for vf, vb in res["versions"].values())
+            assert res["max_drift"] == drift  # the running maximum the log reports
             if schedule == "paci":
                 bound = -(-(stages - s - 1) // window)  # ceil((P-s-1)/a)
                 assert drift == bound, (s, drift, bound)

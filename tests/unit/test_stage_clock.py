@@ -66,3 +66,25 @@ def test_lagging_clock_is_read_without_mid_segment_waits(tmp_path, monkeypatch):
     starts = [e[2] for e in tel.events]
     assert starts == sorted(starts)
     assert 0.0 < trainer.executor.measured_bubble() < 1.0
+
+
+@pytest.mark.parametrize("dump", [False, True])
+def test_version_rows_kept_only_for_the_dump(tmp_path, dump):
+    """A long run must not hold a row per micro-batch: only pipeline.dump_versions
+    (or verify_versions) keeps them; the drift the log reports is a running maximum."""
+    from megatron_paci.training.trainer import Trainer
+
+    iters, micro_batches = 3, 2
+    cfg = config(make_dataset(str(tmp_path)), str(tmp_path / "run"), iters,
+                 **{"train.global_batch_size": 2 * micro_batches,
+                    "pipeline.dump_versions": dump})
+    trainer = Trainer(cfg)
+    trainer.train()
+    tel = trainer.executor.telemetry
+    assert tel.max_drift() == 0  # one stage: nothing crosses an update
+    if dump:
+        assert sorted(tel.versions) == list(range(1, iters * micro_batches + 1))
+        csv = (tmp_path / "run" / "pipeline" / "versions_stage0.csv").read_text()
+        assert len(csv.splitlines()) == 1 + iters * micro_batches
+    else:
+        assert tel.versions == {}
