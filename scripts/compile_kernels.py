@@ -42,6 +42,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 TARGET_ARCH = 90
+# Hopper (sm_90) per-SM limits, for the occupancy the registers and shared memory allow.
+SM_REGISTERS = 65536
+SM_SHARED_BYTES = 228 * 1024
+SM_MAX_WARPS = 64
+SM_MAX_PROGRAMS = 32
+REGISTER_GRANULE = 256  # registers are allocated per warp in blocks of this many
 _DTYPES = {"torch.bfloat16": "bf16", "torch.float32": "fp32", "torch.float16": "fp16",
            "torch.int64": "i64", "torch.int32": "i32", "torch.bool": "i1"}
 
@@ -121,6 +127,16 @@ class Compiled:
     def spills(self) -> bool:
         return self.usage.get("STACK", 0) > 0 or self.usage.get("LOCAL", 0) > 0
 
+    def resident_warps(self) -> int:
+        """Warps one SM holds at once, as registers and shared memory allow."""
+        per_warp = -(-self.usage.get("REG", 0) * 32 // REGISTER_GRANULE) * REGISTER_GRANULE
+        programs = min(SM_MAX_PROGRAMS, SM_MAX_WARPS // self.num_warps)
+        if per_warp:
+            programs = min(programs, SM_REGISTERS // (per_warp * self.num_warps))
+        if self.usage.get("SHARED", 0):
+            programs = min(programs, SM_SHARED_BYTES // self.usage["SHARED"])
+        return programs * self.num_warps
+
 
 def _tool(name: str) -> str:
     import triton
@@ -183,19 +199,20 @@ def report(results: list[Compiled], shapes: Sequence[str], dtype: str) -> str:
     lines = [f"## Triton kernels compiled for sm_{TARGET_ARCH}a (no GPU needed)", "",
              f"Launches of every op, forward and backward, at {', '.join(shapes)} in {dtype}; "
              f"triton {triton.__version__}. Registers per thread, and stack/local bytes "
-             "per thread (above zero: spills).", "",
+             "per thread (above zero: spills); warps/SM: how many warps of the kernel one "
+             f"SM holds at once by its registers and shared memory (of {SM_MAX_WARPS}).", "",
              "| kernel | compile-time constants | warps | registers | stack | local | "
-             "shared | compile s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "shared | warps/SM | compile s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         consts = ", ".join(f"{k}={v}" for k, v in r.constexprs.items())
         if r.error:
-            lines.append(f"| {r.kernel} | {consts} | {r.num_warps} | {r.error} | | | | |")
+            lines.append(f"| {r.kernel} | {consts} | {r.num_warps} | {r.error} | | | | | |")
             continue
         u = r.usage
         lines.append(f"| {r.kernel} | {consts} | {r.num_warps} | {u.get('REG', 0)} | "
                      f"{u.get('STACK', 0)} | {u.get('LOCAL', 0)} | {u.get('SHARED', 0)} | "
-                     f"{r.seconds:.1f} |")
+                     f"{r.resident_warps()} | {r.seconds:.1f} |")
     failed = sum(bool(r.error) for r in results)
     spilled = sum(r.spills for r in results if not r.error)
     lines += ["", f"{len(results)} distinct launches: {len(results) - failed} compiled, "

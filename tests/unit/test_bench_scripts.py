@@ -149,3 +149,17 @@ def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     # GPT-2 Medium's config through pretrain_gpt.py (2 layers here), on random tokens.
     assert "random tokens: " in train and " iteration        2/       2 |" in train
     assert "=== summary" in proc.stdout  # every step's output is shown as well
+
+
+def test_resident_warps_follow_hoppers_limits():
+    ck = _load("compile_kernels")
+
+    def warps(regs, num_warps, shared=1024):
+        return ck.Compiled("k", {}, num_warps, 0.0, {"REG": regs, "SHARED": shared}) \
+            .resident_warps()
+
+    # 192 registers x 32 threads = 6144 per warp; 4 warps a program -> 2 programs.
+    assert warps(192, 4) == 8
+    assert warps(48, 8) == 40  # 1536 per warp, 12288 a program -> 5 programs
+    assert warps(26, 4) == 64  # 832 rounds up to 1024 per warp: the 64-warp limit binds
+    assert warps(32, 4, shared=100 * 1024) == 8  # 2 programs fit in 228 KiB of shared
