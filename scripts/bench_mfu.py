@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 from megatron_paci.config import load_config  # noqa: E402
 from megatron_paci.config.schema import ModelConfig, OptimConfig  # noqa: E402
+from megatron_paci.kernels.attention import attention_backend  # noqa: E402
 from megatron_paci.kernels.dispatch import KernelError, Kernels, select_kernels  # noqa: E402
 from megatron_paci.kernels.parity import Shapes, parity_check  # noqa: E402
 from megatron_paci.model.gpt import GPTModel, count_parameters, padded_vocab_size  # noqa: E402
@@ -168,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"dropout {cfg.dropout}; precision {'bf16 autocast' if autocast else 'fp32'}"
           + ("; forward through torch.compile" if args.compile else ""))
     print(kernels.table())
+    print(attention_backend(device, autocast or torch.float32, cfg.num_attention_heads,
+                            cfg.hidden_size // cfg.num_attention_heads))
 
     while True:
         model = optimizer = batches = runner = None

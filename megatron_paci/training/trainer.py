@@ -30,6 +30,7 @@ from megatron_paci.config.schema import Config
 from megatron_paci.data.gpt_dataset import build_gpt_datasets
 from megatron_paci.data.sampler import build_pretraining_data_loader
 from megatron_paci.data.tokenizer import build_tokenizer
+from megatron_paci.kernels.attention import attention_backend
 from megatron_paci.kernels.dispatch import select_kernels
 from megatron_paci.kernels.parity import Shapes, parity_check
 from megatron_paci.model.gpt import GPTModel, StageSpec, count_parameters, padded_vocab_size
@@ -379,6 +380,10 @@ class Trainer:
                     f"{self.autocast_dtype or torch.float32}, {self.num_micro_batches} "
                     "micro-batches per iteration")
         self._print(self.kernels.table())
+        m = cfg.model
+        self._print(attention_backend(self.device, self.autocast_dtype or torch.float32,
+                                      m.num_attention_heads // ps.tensor_size,
+                                      m.hidden_size // m.num_attention_heads))
         if self.parity_report:
             self._print("kernel parity check against the torch references passed:\n"
                         + "\n".join(self.parity_report))

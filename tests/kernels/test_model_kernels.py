@@ -56,4 +56,11 @@ def test_triton_kernels_train_like_the_references(tmp_path, capsys, monkeypatch,
     got, out = _train(prefix, str(tmp_path / "triton"), "triton", device, capsys)
     assert "kernel parity check against the torch references passed" in out
     assert f"  cross_entropy     triton   kernels.backend: {why}" in out
+    # On CUDA this line says whether SDPA's flash backend takes the model's q/k/v.
+    line = next(x for x in out.splitlines() if x.startswith("attention: "))
+    if kernel_device.type == "cuda":
+        assert "flash backend (torch.float32" not in line  # fp32 runs are never flash
+    else:
+        assert line == ("attention: F.scaled_dot_product_attention on cpu "
+                        "(flash backend checked on CUDA only)")
     np.testing.assert_allclose(got, ref, rtol=1e-5)
