@@ -16,6 +16,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "dis
 from parallel_equality import config, make_dataset  # noqa: E402
 
 LAG = 3
+ITERS, MICRO_BATCHES = 3, 2
+
+
+def _trained(tmp_path, **overrides):
+    """A single-stage run of ITERS iterations of MICRO_BATCHES micro-batches."""
+    from megatron_paci.training.trainer import Trainer
+
+    cfg = config(make_dataset(str(tmp_path)), str(tmp_path / "run"), ITERS,
+                 **{"train.global_batch_size": 2 * MICRO_BATCHES, **overrides})
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer
 
 
 class LaggingClock:
@@ -43,22 +55,16 @@ class LaggingClock:
 
 def test_lagging_clock_is_read_without_mid_segment_waits(tmp_path, monkeypatch):
     from megatron_paci.pipeline import executor as executor_module
-    from megatron_paci.training.trainer import Trainer
 
     clock = LaggingClock()
     monkeypatch.setattr(executor_module, "clock_for", lambda device: clock)
-    iters, micro_batches = 3, 2
-    cfg = config(make_dataset(str(tmp_path)), str(tmp_path / "run"), iters,
-                 **{"train.global_batch_size": 2 * micro_batches,
-                    "pipeline.timeline": True})
-    trainer = Trainer(cfg)
-    trainer.train()
+    trainer = _trained(tmp_path, **{"pipeline.timeline": True})
     tel = trainer.executor.telemetry
 
     # One segment (no eval, no checkpoint): one wait, at its drain, and every action read.
     assert clock.waits == 1
     assert trainer.executor._marks == []
-    assert tel.kind_n == {"F": iters * micro_batches, "B": iters * micro_batches, "S": iters}
+    assert tel.kind_n == {"F": ITERS * MICRO_BATCHES, "B": ITERS * MICRO_BATCHES, "S": ITERS}
     # Each action spans start mark -> end mark with no mark between: one tick each.
     actions = sum(tel.kind_n.values())
     assert tel.busy_s == pytest.approx(actions * 1e-3)
@@ -72,19 +78,11 @@ def test_lagging_clock_is_read_without_mid_segment_waits(tmp_path, monkeypatch):
 def test_version_rows_kept_only_for_the_dump(tmp_path, dump):
     """A long run must not hold a row per micro-batch: only pipeline.dump_versions
     (or verify_versions) keeps them; the drift the log reports is a running maximum."""
-    from megatron_paci.training.trainer import Trainer
-
-    iters, micro_batches = 3, 2
-    cfg = config(make_dataset(str(tmp_path)), str(tmp_path / "run"), iters,
-                 **{"train.global_batch_size": 2 * micro_batches,
-                    "pipeline.dump_versions": dump})
-    trainer = Trainer(cfg)
-    trainer.train()
-    tel = trainer.executor.telemetry
+    tel = _trained(tmp_path, **{"pipeline.dump_versions": dump}).executor.telemetry
     assert tel.max_drift() == 0  # one stage: nothing crosses an update
     if dump:
-        assert sorted(tel.versions) == list(range(1, iters * micro_batches + 1))
+        assert sorted(tel.versions) == list(range(1, ITERS * MICRO_BATCHES + 1))
         csv = (tmp_path / "run" / "pipeline" / "versions_stage0.csv").read_text()
-        assert len(csv.splitlines()) == 1 + iters * micro_batches
+        assert len(csv.splitlines()) == 1 + ITERS * MICRO_BATCHES
     else:
         assert tel.versions == {}
