@@ -8,10 +8,13 @@ STEPs, and records for every micro-batch the versions it saw and when each
 action ran. Nothing here branches on the schedule's name beyond asking
 whether a STEP is global (1F1B-flush) or local.
 
-Sends are posted asynchronously and waited for at the end of a segment;
-receives are posted when their action needs them. Both directions between a
-pair of stages carry one kind of message each, in micro-batch order, so the
-messages match without tags and 1F1B's order cannot deadlock.
+Both directions between a pair of stages carry one kind of message each, in
+micro-batch order, so messages match without tags. A send is held until the
+next action and posted in one call with that action's receive when it comes
+from the same peer, else alone: NCCL blocks a stream on each send and receive
+until the peer's matching op runs, and 1F1B's steady state would deadlock with
+each posted alone (comm.p2p). Sends complete asynchronously; their tensors are
+kept until they do, at most 2P of them.
 
 Nothing is read back to the host per micro-batch: losses stay on the device
 until the STEP, and action times are marks (clock.py) read as they complete.
