@@ -113,6 +113,13 @@ def _backend() -> str:
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
+def cuda_device_index(local_rank: int) -> int:
+    """This rank's GPU among those it sees. Under torchrun every rank sees the node's
+    GPUs (index = local rank); slurm's --gpus-per-task binding shows each task only its
+    own, as device 0. Megatron's rule, local rank modulo visible devices, covers both."""
+    return local_rank % torch.cuda.device_count()
+
+
 def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
                backend: str | None = None) -> ParallelState:
     """Initialise the default process group (if needed) and the tp/pp/dp groups.
@@ -128,7 +135,7 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = backend or _backend()
         if "nccl" in backend:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(cuda_device_index(local_rank))
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     # NCCL: a batched point-to-point call must not be the first collective on its group

@@ -109,3 +109,14 @@ def test_process_group_backend_serves_cpu_and_cuda_tensors(monkeypatch):
         "cpu": "gloo", "cuda": "nccl"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert state._backend() == "gloo"
+
+
+def test_gpu_index_under_torchrun_and_slurm_binding(monkeypatch):
+    import torch
+
+    from megatron_paci.parallel.state import cuda_device_index
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)  # torchrun: all visible
+    assert [cuda_device_index(r) for r in (0, 3, 7)] == [0, 3, 7]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1
+    assert [cuda_device_index(r) for r in (0, 3, 7)] == [0, 0, 0]
