@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         validate_layout(cfg, world_from_env()[1])
     except (ConfigError, ParallelConfigError) as e:
         fail_on_all_ranks(str(e))
-    pstate = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s)
+    try:
+        # CPU training on a GPU node stays on gloo: no GPU per process needed.
+        pstate = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s,
+                            backend="gloo" if cfg.train.device == "cpu" else None)
+    except ParallelConfigError as e:
+        fail_on_all_ranks(str(e))
     from megatron_paci.training.trainer import Trainer
 
     try:

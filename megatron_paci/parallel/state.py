@@ -120,6 +120,17 @@ def cuda_device_index(local_rank: int) -> int:
     return local_rank % torch.cuda.device_count()
 
 
+def check_gpus_for_ranks(local_world: int, visible: int) -> None:
+    """NCCL needs a GPU of its own per process; refuse more processes on a node than
+    the GPUs they see, before NCCL fails at the first collective."""
+    if local_world > visible:
+        raise ParallelConfigError(
+            f"{local_world} processes on this node (LOCAL_WORLD_SIZE) but {visible} visible "
+            f"GPU(s): NCCL needs one GPU per process. Start at most {visible} per node "
+            f"(torchrun --nproc_per_node {visible}, NPROC={visible} for scripts/launch.sh) or "
+            "train on the CPU with train.device=cpu")
+
+
 def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
                backend: str | None = None) -> ParallelState:
     """Initialise the default process group (if needed) and the tp/pp/dp groups.
@@ -135,6 +146,9 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = backend or _backend()
         if "nccl" in backend:
+            if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: every process sees all GPUs
+                check_gpus_for_ranks(int(os.environ["LOCAL_WORLD_SIZE"]),
+                                     torch.cuda.device_count())
             torch.cuda.set_device(cuda_device_index(local_rank))
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))

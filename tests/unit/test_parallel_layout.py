@@ -120,3 +120,14 @@ def test_gpu_index_under_torchrun_and_slurm_binding(monkeypatch):
     assert [cuda_device_index(r) for r in (0, 3, 7)] == [0, 3, 7]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1
     assert [cuda_device_index(r) for r in (0, 3, 7)] == [0, 0, 0]
+
+
+def test_more_processes_than_gpus_is_refused_with_the_fix():
+    from megatron_paci.parallel.state import check_gpus_for_ranks
+
+    check_gpus_for_ranks(4, 8)
+    check_gpus_for_ranks(8, 8)
+    with pytest.raises(ParallelConfigError) as e:
+        check_gpus_for_ranks(8, 4)
+    assert "8 processes on this node (LOCAL_WORLD_SIZE) but 4 visible GPU(s)" in str(e.value)
+    assert "torchrun --nproc_per_node 4" in str(e.value) and "train.device=cpu" in str(e.value)
