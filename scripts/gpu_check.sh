@@ -62,6 +62,8 @@ done
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# Every mode runs the repository's code as checked out, not an installed copy.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # What ran where: without this, numbers from a lent machine cannot be compared later.
 env_report() {
@@ -128,7 +130,6 @@ EOF
 # Without sentencepiece (the device image may lack it): random tokens, null tokenizer.
 if [ -n "$TRAIN_RUN" ]; then
     cd "$ROOT" || exit 2
-    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     iters=${TRAIN_RUN%,*} stop=${TRAIN_RUN#*,}
     data=$(mktemp -d) || exit 2
     set -e
@@ -162,7 +163,6 @@ fi
 # executor and data loader included, beside bench_mfu.py's bare training step.
 if [ -n "$TRAIN_MEDIUM" ]; then
     cd "$ROOT" || exit 2
-    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     iters=${TRAIN_MEDIUM%,*} micro=${TRAIN_MEDIUM#*,}
     data=$(mktemp -d) || exit 2
     set -e
@@ -183,7 +183,6 @@ fi
 OUT_DIR=${OUT_ARG:-${OUT:-gpu_out}}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd) || exit 2
 cd "$ROOT" || exit 2
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
 START=$SECONDS
