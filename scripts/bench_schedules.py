@@ -32,10 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from megatron_paci.pipeline.registry import get_schedule, schedule_names  # noqa: E402
+from megatron_paci.pipeline.schedules import FLUSH, PACI  # noqa: E402
 from megatron_paci.pipeline.simulate import Costs, simulate  # noqa: E402
 
-SCHEDULES = ("1f1b_flush", "pipedream_2bw", "paci")
-SHORT = {"1f1b_flush": "flush", "pipedream_2bw": "2bw", "paci": "paci"}
+# The registered schedules; the baseline every ratio is taken against and the schedule
+# whose ideal speed-up the verdict checks come from the registry's declarations.
+SCHEDULES = schedule_names()
+BASELINE, CANDIDATE = FLUSH.name, PACI.name
 P = 2
 
 
@@ -108,7 +112,7 @@ def cpu_seconds() -> tuple[float, float]:
 def train_once(args: argparse.Namespace, schedule: str, m: int, rnd: int, data: tuple[str, str],
                work: Path) -> Run:
     """Launch one P=2 training run through torchrun and read its metrics.jsonl."""
-    run_dir = work / f"M{m}_{SHORT[schedule]}_{rnd}"
+    run_dir = work / f"M{m}_{schedule}_{rnd}"
     overrides = [
         f"run.dir={run_dir}",
         f"data.path=[{data[0]}]",
@@ -174,7 +178,7 @@ def fit_p2p(stage_costs: list[Costs], m: int, measured_ms: float) -> float:
     """
     def sim(p2p: float) -> float:
         cs = [Costs(c.forward, c.backward, c.step, p2p) for c in stage_costs]
-        return window_time("paci", P, m, cs)
+        return window_time(CANDIDATE, P, m, cs)
 
     lo, hi = 0.0, measured_ms
     if sim(lo) >= measured_ms:
@@ -213,14 +217,14 @@ def measured_section(runs: list[Run], args: argparse.Namespace) -> tuple[str, di
     rows, verdict = [], {}
     for m in args.micro_batches:
         ideal = (m + P - 1) / m
-        flush = {r.round: r for r in runs if r.micro_batches == m and r.schedule == "1f1b_flush"}
+        flush = {r.round: r for r in runs if r.micro_batches == m and r.schedule == BASELINE}
         for s in SCHEDULES:
             mine = sorted((r for r in runs if r.micro_batches == m and r.schedule == s),
                           key=lambda r: r.round)  # fmt: skip
             ratios = [r.tokens_per_s / flush[r.round].tokens_per_s for r in mine]
             ratio = statistics.median(ratios)
-            want = 1.0 if s == "1f1b_flush" else ideal
-            if s == "paci":
+            want = 1.0 if s == BASELINE else ideal
+            if s == CANDIDATE:
                 verdict[m] = (ratio, ideal, ratio / ideal)
             rows.append([
                 str(m), s,
@@ -245,22 +249,22 @@ def projection_section(runs: list[Run], args: argparse.Namespace) -> str:
         f = mean([r.f_ms[s] for r in runs])
         b = mean([r.b_ms[s] for r in runs])
         # A flush STEP waits inside the global grad-norm all-reduce; only local steps count.
-        st = mean([r.s_ms[s] for r in runs if r.schedule != "1f1b_flush"])
+        st = mean([r.s_ms[s] for r in runs if not get_schedule(r.schedule).global_step])
         per_stage.append(Costs(f, b, st))
     fits = []
     check = []
     for m in args.micro_batches:
         paci_ms = statistics.median(r.ms_per_iter for r in runs
-                                    if r.micro_batches == m and r.schedule == "paci")
+                                    if r.micro_batches == m and r.schedule == CANDIDATE)
         p2p = fit_p2p(per_stage, m, paci_ms)
         fits.append(p2p)
         flush_ms = statistics.median(r.ms_per_iter for r in runs
-                                     if r.micro_batches == m and r.schedule == "1f1b_flush")
-        sim_flush = window_time("1f1b_flush", P, m,
+                                     if r.micro_batches == m and r.schedule == BASELINE)
+        sim_flush = window_time(BASELINE, P, m,
                                 [Costs(c.forward, c.backward, c.step, p2p) for c in per_stage])
         # What the measured stage imbalance and step cost alone allow (no p2p latency).
-        best = (window_time("1f1b_flush", P, m, per_stage)
-                / window_time("paci", P, m, per_stage))
+        best = (window_time(BASELINE, P, m, per_stage)
+                / window_time(CANDIDATE, P, m, per_stage))
         check.append(f"M={m}: PACI window {paci_ms:.1f} ms measured -> p2p {p2p:.2f} ms; "
                      f"flush window {flush_ms:.1f} ms measured, {sim_flush:.1f} ms simulated "
                      f"with that p2p; with the measured per-stage costs and p2p=0 the best "
@@ -283,8 +287,8 @@ def projection_section(runs: list[Run], args: argparse.Namespace) -> str:
                 busy = m * (uni.forward + uni.backward) + uni.step
                 if p == p2p:
                     row += [f"{1 - busy / t[s]:.2f}" if t[s] == t[s] else "-" for s in SCHEDULES]
-                row += [f"{t['1f1b_flush'] / t[s]:.2f}" if t[s] == t[s] else "-"
-                        for s in SCHEDULES[1:]]
+                row += [f"{t[BASELINE] / t[s]:.2f}" if t[s] == t[s] else "-"
+                        for s in SCHEDULES if s != BASELINE]
             rows.append(row)
     head = ["P", "M", "ideal", "2bw/flush p2p=0", "paci/flush p2p=0",
             "bubble flush", "bubble 2bw", "bubble paci", "2bw/flush", "paci/flush"]

@@ -206,9 +206,6 @@ def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
     return cfg
 
 
-SCHEDULES = ("1f1b_flush", "pipedream_2bw", "paci")
-
-
 def _choice(key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}")
@@ -219,7 +216,8 @@ def validate(cfg: Config) -> None:
     m, t, o = cfg.model, cfg.train, cfg.optim
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
                 "model.seq_length", "train.micro_batch_size", "train.global_batch_size",
-                "parallel.tensor", "parallel.pipeline", "logging.interval"):
+                "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline",
+                "logging.interval"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key '{key}' must be >= 1")
@@ -253,7 +251,6 @@ def validate(cfg: Config) -> None:
     _choice("optim.lr_decay_style", o.lr_decay_style, ("cosine", "linear", "constant"))
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("pipeline.schedule", cfg.pipeline.schedule, SCHEDULES)
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch", "apex"))
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")

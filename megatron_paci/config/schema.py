@@ -78,13 +78,17 @@ class OptimConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    # Model chunks per pipeline rank (Megatron's virtual pipeline: interleaved 1F1B).
+    virtual_pipeline: int = 1
     sequence_parallel: bool = False
     timeout_s: float = 600.0
 
 
 @dataclass
 class PipelineConfig:
-    schedule: str = "1f1b_flush"  # 1f1b_flush | pipedream_2bw | paci
+    # A registered schedule (pipeline/schedules.py: 1f1b_flush, pipedream_2bw, paci)
+    # or file:PATH, a file of per-rank action lists (docs/pipeline.md).
+    schedule: str = "1f1b_flush"
     layers_per_stage: list[int] | None = None  # None -> even split
     dump_versions: bool = False  # write (stage, j, v_F, v_B) per micro-batch to run.dir/pipeline/
     timeline: bool = False  # record action times; draw run.dir/pipeline/timeline.png at the end

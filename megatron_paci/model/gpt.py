@@ -49,12 +49,33 @@ class StageSpec:
 
     first_layer: int
     last_layer: int  # exclusive
-    pre_process: bool  # holds the embedding
-    post_process: bool  # holds final norm, head and loss
+    pre_process: bool  # holds the embedding (in its first chunk)
+    post_process: bool  # holds final norm, head and loss (in its last chunk)
+    # Layer ranges of the model chunks (virtual stages) this rank runs one at a time;
+    # empty for the one chunk [first_layer, last_layer).
+    chunks: tuple[tuple[int, int], ...] = ()
 
     @staticmethod
     def whole(num_layers: int) -> StageSpec:
         return StageSpec(0, num_layers, True, True)
+
+    @staticmethod
+    def of_chunks(ranges: list[tuple[int, int]], pre_process: bool,
+                  post_process: bool) -> StageSpec:
+        ranges = [tuple(r) for r in ranges]
+        return StageSpec(ranges[0][0], ranges[-1][1], pre_process, post_process,
+                         tuple(ranges) if len(ranges) > 1 else ())
+
+    @property
+    def chunk_ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.chunks or ((self.first_layer, self.last_layer),)
+
+    def layer_indices(self) -> list[int]:
+        return [i for first, last in self.chunk_ranges for i in range(first, last)]
+
+    def describe(self) -> str:
+        """``4-7`` or, for several chunks, ``2-3, 6-7``."""
+        return ", ".join(f"{a}-{b - 1}" for a, b in self.chunk_ranges)
 
 
 class Embedding(nn.Module):
@@ -103,7 +124,7 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(cfg, vocab_size, self.tp) if self.stage.pre_process else None
         self.layers = nn.ModuleDict(
             {str(i): TransformerLayer(cfg, self.tp)
-             for i in range(self.stage.first_layer, self.stage.last_layer)}
+             for i in self.stage.layer_indices()}
         )
         self.rotary = (
             RotaryEmbedding(cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base)
@@ -156,13 +177,19 @@ class GPTModel(nn.Module):
         tokens: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        chunk: int = 0,
     ) -> torch.Tensor:
         """First stage takes ``tokens`` [b, s], later stages the previous stage's ``hidden``.
 
         Returns hidden states [s, b, h] on non-last stages, logits [b, s, V/tp] on the
-        last stage without ``labels``, and the per-token loss [b, s] with them.
+        last stage without ``labels``, and the per-token loss [b, s] with them. A rank
+        holding several model chunks runs one, ``chunk``, per call: the first chunk is
+        the first stage's when the rank holds the embedding, the last the last stage's.
         """
-        if self.stage.pre_process:
+        ranges = self.stage.chunk_ranges
+        pre = self.stage.pre_process and chunk == 0
+        post = self.stage.post_process and chunk == len(ranges) - 1
+        if pre:
             assert tokens is not None, "the first stage needs tokens"
             x = self.embedding(tokens)
         else:
@@ -172,9 +199,10 @@ class GPTModel(nn.Module):
         if self.rotary is not None:
             seq = x.shape[0] * (self.tp.size if self.tp.sequence_parallel else 1)
             rotary = self.rotary(seq, x.device)
-        for layer in self.layers.values():
-            x = layer(x, rotary)
-        if not self.stage.post_process:
+        first, last = ranges[chunk]
+        for i in range(first, last):
+            x = self.layers[str(i)](x, rotary)
+        if not post:
             return x
         x = self.final_norm(x)
         logits = parallel_lm_logits(x, self.head_weight(), self.tp.group,

@@ -5,13 +5,17 @@ policy (versions.py) says which weights each forward and backward sees. The
 executor moves activations forward and gradients backward between
 neighbouring stages with batched isend/irecv, accumulates gradients, applies
 STEPs, and records for every micro-batch the versions it saw and when each
-action ran. Nothing here branches on the schedule's name beyond asking
-whether a STEP is global (1F1B-flush) or local.
+action ran. Nothing here knows a schedule's name: it asks the spec (registry.py)
+whether a STEP is global or local.
 
-Both directions between a pair of stages carry one kind of message each, in
-micro-batch order, so messages match without tags. A send is held until the
-next action and posted in one call with that action's receive when it comes
-from the same peer, else alone: NCCL blocks a stream on each send and receive
+A rank may hold several model chunks (virtual stages u = chunk * P + rank, as in
+Megatron's interleaved schedule): a forward on chunk c receives from virtual stage
+u-1 and sends to u+1, a backward the other way, so rank P-1 sends to rank 0 between
+chunks. Messages carry no tags: the schedule validator (validate.py) checks before
+the run that between every pair of ranks they are received in the order sent.
+
+A send is held until the next action and posted in one call with that action's
+receive when it comes from the same peer, else alone: NCCL blocks a stream on each send and receive
 until the peer's matching op runs, and 1F1B's steady state would deadlock with
 each posted alone (comm.p2p). Sends complete asynchronously; their tensors are
 kept until they do, at most 2P of them.
@@ -34,8 +38,9 @@ import torch.distributed as dist
 
 from megatron_paci.parallel import comm
 from megatron_paci.parallel.state import ParallelState
+from megatron_paci.pipeline.actions import Action
 from megatron_paci.pipeline.clock import clock_for
-from megatron_paci.pipeline.schedules import Action, build_schedule
+from megatron_paci.pipeline.registry import ScheduleSpec
 
 # (iteration, the window's mean loss as a 0-d tensor on the device or None off the last
 # stage, grad norm, skipped)
@@ -56,13 +61,15 @@ class Telemetry:
     micro-batches holds no per-micro-batch history."""
 
     stage: int
-    versions: dict[int, list[int]] = field(default_factory=dict)  # j -> [v_F, v_B]
+    # (chunk, j) -> [v_F, v_B]
+    versions: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     drift: int = 0  # most updates any finished micro-batch crossed
-    checksums: dict[int, list[float]] = field(default_factory=dict)  # j -> [at F, at B]
+    # (chunk, j) -> [weights' checksum at F, at B]
+    checksums: dict[tuple[int, int], list[float]] = field(default_factory=dict)
     peak_in_flight: int = 0
     peak_unfinished_sends: int = 0  # sends posted and not yet complete (memory held)
     peak_versions: int = 1
-    events: list[tuple[str, int, float, float]] = field(default_factory=list)
+    events: list[tuple[str, int, float, float, int]] = field(default_factory=list)
     busy_s: float = 0.0
     wall_s: float = 0.0
     kind_s: dict[str, float] = field(default_factory=lambda: {"F": 0.0, "B": 0.0, "S": 0.0})
@@ -75,8 +82,10 @@ class Telemetry:
         """Most updates any micro-batch crossed between its forward and backward."""
         return self.drift
 
-    def rows(self) -> list[tuple[int, int, int, int]]:
-        return [(self.stage, j, vf, vb) for j, (vf, vb) in sorted(self.versions.items())]
+    def rows(self) -> list[tuple[int, int, int, int, int]]:
+        """(stage, chunk, j, v_F, v_B) in micro-batch order."""
+        return [(self.stage, c, j, vf, vb) for (c, j), (vf, vb)
+                in sorted(self.versions.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
 
 
 @dataclass
@@ -94,12 +103,12 @@ class PipelineExecutor:
         lr_schedule: Any,
         policy: Any,
         pstate: ParallelState,
-        schedule: str,
+        schedule: ScheduleSpec,
         window: int,
         activation_shape: tuple[int, int, int],
         device: torch.device,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        global_step: bool = True,
+        chunks: int = 1,
         record_events: bool = False,
         verify_versions: bool = False,
         keep_versions: bool = True,
@@ -114,7 +123,8 @@ class PipelineExecutor:
         self.shape = activation_shape
         self.device = device
         self.autocast = autocast
-        self.global_step = global_step
+        self.global_step = schedule.global_step
+        self.chunks = chunks
         self.record_events = record_events
         self.verify_versions = verify_versions
         self.keep_versions = keep_versions or verify_versions
@@ -122,9 +132,9 @@ class PipelineExecutor:
         self.stages = pstate.pipeline_size
         self.first = pstate.is_first_stage
         self.last = pstate.is_last_stage
-        ranks = pstate.pipeline_ranks
-        self.prev_rank = ranks[self.stage - 1] if not self.first else None
-        self.next_rank = ranks[self.stage + 1] if not self.last else None
+        self.ranks = pstate.pipeline_ranks
+        self.prev_rank = self.ranks[self.stage - 1] if not self.first else None
+        self.next_rank = self.ranks[self.stage + 1] if not self.last else None
         self.telemetry = Telemetry(stage=self.stage)
         self._pending_sends: list[tuple[Any, torch.Tensor]] = []
         self._held: tuple[torch.Tensor, int] | None = None  # a send not posted yet
@@ -149,11 +159,34 @@ class PipelineExecutor:
         self._post_held()
         self._held = (tensor, peer)
 
+    # --- virtual stages ------------------------------------------------------
+
+    def _virtual(self, chunk: int) -> int:
+        return chunk * self.stages + self.stage
+
+    def _rank_of(self, virtual: int) -> int | None:
+        """The rank running virtual stage ``virtual``; None past either end."""
+        if not 0 <= virtual < self.stages * self.chunks:
+            return None
+        return self.ranks[virtual % self.stages]
+
+    def _is_first(self, chunk: int) -> bool:
+        return self._virtual(chunk) == 0
+
+    def _is_last(self, chunk: int) -> bool:
+        return self._virtual(chunk) == self.stages * self.chunks - 1
+
     def _recv_peer(self, action: Action) -> int | None:
-        """The rank ``action`` receives from on this stage, if any."""
-        if action.kind == "F":
-            return self.prev_rank
-        return self.next_rank if action.kind == "B" else None
+        """The rank ``action`` receives from, if any."""
+        side = action.spec.receives_from
+        if side is None:
+            return None
+        return self._rank_of(self._virtual(action.chunk) + (-1 if side == "prev" else 1))
+
+    def _send_peer(self, action: Action) -> int | None:
+        """The rank ``action``'s output goes to, if any."""
+        step = {"F": 1, "B": -1}.get(action.kind)
+        return None if step is None else self._rank_of(self._virtual(action.chunk) + step)
 
     def _post_held(self, unless_peer: int | None = None) -> None:
         """Post the held send alone, unless it goes to ``unless_peer`` (then the coming
@@ -173,7 +206,7 @@ class PipelineExecutor:
             send_works, recv_work = comm.p2p(sends, (buf, peer), "pp")
             recv_work.wait()
         except Exception as e:  # gloo: peer closed or timed out
-            peer_stage = self.pstate.pipeline_ranks.index(peer)
+            peer_stage = self.ranks.index(peer)
             raise PipelineError(
                 f"stage {self.stage} (rank {self.pstate.rank}) was running {action} and waiting "
                 f"for {what} from stage {peer_stage} (rank {peer}): {e}") from e
@@ -217,15 +250,15 @@ class PipelineExecutor:
 
     # --- actions -----------------------------------------------------------
 
-    def _event(self, kind: str, index: int, start: Any) -> None:
-        self._marks.append((kind, index, start, self.clock.mark()))
+    def _event(self, kind: str, action: Action, start: Any) -> None:
+        self._marks.append((kind, action.index, action.chunk, start, self.clock.mark()))
 
     def _read_marks(self) -> None:
         """Fold the completed actions' times into the telemetry, in order, never waiting:
         marks complete in order, so at a drain waiting for one last mark completes all."""
         clock, tel = self.clock, self.telemetry
         done = 0
-        for kind, index, start, end in self._marks:
+        for kind, index, chunk, start, end in self._marks:
             if not clock.done(end):
                 break
             dt = clock.seconds(start, end)
@@ -234,66 +267,73 @@ class PipelineExecutor:
             tel.kind_n[kind] += 1
             if self.record_events:
                 tel.events.append((kind, index, clock.seconds(self._t0, start),
-                                   clock.seconds(self._t0, end)))
+                                   clock.seconds(self._t0, end), chunk))
             self._last_end = end
             done += 1
         del self._marks[:done]
 
     def _inputs(self, action: Action, batches: Iterator | None, what: str) -> dict:
-        """This stage's forward arguments for micro-batch ``action.index``: tokens on the
-        first stage, labels on the last, the previous stage's activations elsewhere."""
+        """The forward arguments for micro-batch ``action.index`` on its chunk: tokens on the
+        first virtual stage, labels on the last, the previous one's activations elsewhere."""
         tokens = labels = hidden = None
-        if self.first or self.last:
+        first, last = self._is_first(action.chunk), self._is_last(action.chunk)
+        if first or last:
             batch = next(batches)["tokens"].to(self.device, non_blocking=True)
             tokens, labels = batch[:, :-1], batch[:, 1:]
-        if not self.first:
-            hidden = self._recv(self.prev_rank, f"{what} of micro-batch {action.index}", action)
-        return {"tokens": tokens if self.first else None, "hidden": hidden,
-                "labels": labels if self.last else None}
+        if not first:
+            hidden = self._recv(self._recv_peer(action),
+                                f"{what} of micro-batch {action.index}", action)
+        inputs = {"tokens": tokens if first else None, "hidden": hidden,
+                  "labels": labels if last else None}
+        if self.chunks > 1:
+            inputs["chunk"] = action.chunk
+        return inputs
 
     def _forward(self, action: Action, batches: Iterator | None, in_flight: dict,
                  losses: dict[int, torch.Tensor], scale: float) -> None:
-        j = action.index
+        j, key = action.index, (action.chunk, action.index)
         inputs = self._inputs(action, batches, "activations")
         hidden = inputs["hidden"]
         if hidden is not None:
             hidden.requires_grad_(True)
         start = self.clock.mark()
-        self.telemetry.versions[j] = [self.policy.forward_version(j), -1]
+        self.telemetry.versions[key] = [self.policy.forward_version(j), -1]
         if self.verify_versions:
-            self.telemetry.checksums[j] = [self.policy.checksum(j)]
+            self.telemetry.checksums[key] = [self.policy.checksum(j)]
         with self.autocast():
             out = self.policy.forward(j, **inputs)
-        if self.last:
+        last = self._is_last(action.chunk)
+        if last:
             loss = out.float().mean()
             losses[j] = loss.detach()
             out = loss * scale
-        in_flight[j] = _InFlight(hidden, out)
+        in_flight[key] = _InFlight(hidden, out)
         self.telemetry.peak_in_flight = max(self.telemetry.peak_in_flight, len(in_flight))
-        self._event("F", j, start)
-        if not self.last:
-            self._send(out, self.next_rank)
+        self._event("F", action, start)
+        if not last:
+            self._send(out, self._send_peer(action))
 
     def _backward(self, action: Action, in_flight: dict) -> None:
-        j = action.index
-        item = in_flight.pop(j)
+        j, key = action.index, (action.chunk, action.index)
+        item = in_flight.pop(key)
         grad = None
-        if not self.last:
-            grad = self._recv(self.next_rank, f"gradients of micro-batch {j}", action)
+        if not self._is_last(action.chunk):
+            grad = self._recv(self._recv_peer(action), f"gradients of micro-batch {j}", action)
         start = self.clock.mark()
         tel = self.telemetry
-        tel.versions[j][1] = self.policy.backward_version(j)
-        tel.drift = max(tel.drift, tel.versions[j][1] - tel.versions[j][0])
+        tel.versions[key][1] = self.policy.backward_version(j)
+        tel.drift = max(tel.drift, tel.versions[key][1] - tel.versions[key][0])
         if not self.keep_versions:
-            del tel.versions[j]
+            del tel.versions[key]
         if self.verify_versions:
-            tel.checksums[j].append(self.policy.checksum(j))
-        # Only the window's last backward starts the data-parallel reduction.
+            tel.checksums[key].append(self.policy.checksum(j))
+        # Only each chunk's last backward of the window marks gradients ready for the
+        # data-parallel reduction (backwards of a chunk run in micro-batch order).
         self.optimizer.grad_buffer.sync_enabled = j % self.window == 0
         torch.autograd.backward(item.output, grad_tensors=grad)
-        self._event("B", j, start)
-        if not self.first:
-            self._send(item.inputs.grad, self.prev_rank)
+        self._event("B", action, start)
+        if not self._is_first(action.chunk):
+            self._send(item.inputs.grad, self._send_peer(action))
 
     def _step(self, action: Action) -> tuple[float, bool]:
         if self.global_step:
@@ -313,7 +353,7 @@ class PipelineExecutor:
         # schedules must stay aligned.
         self.lr_schedule.step()
         self.optimizer.zero_grad()
-        self._event("S", action.index, start)
+        self._event("S", action, start)
         return norm, skipped
 
     # --- public --------------------------------------------------------------
@@ -334,8 +374,8 @@ class PipelineExecutor:
                       on_step: StepCallback) -> None:
         """Run ``num_windows`` windows from ``first_window`` and drain: on return no
         micro-batch is in flight and every send has landed."""
-        actions = build_schedule(self.schedule, self.stages, self.stage, self.window,
-                                 num_windows, first_window)
+        actions = self.schedule.actions(self.stages, self.stage, self.window, num_windows,
+                                        first_window, self.chunks)
         in_flight: dict[int, _InFlight] = {}
         losses: dict[int, torch.Tensor] = {}
         scale = 1.0 / self.window
@@ -347,7 +387,7 @@ class PipelineExecutor:
                 self._forward(action, batches, in_flight, losses, scale)
             elif action.kind == "B":
                 self._backward(action, in_flight)
-            else:
+            elif action.kind == "STEP":
                 norm, skipped = self._step(action)
                 k = action.index
                 window_losses = [losses.pop(j) for j in range((k - 1) * self.window + 1,
@@ -357,6 +397,8 @@ class PipelineExecutor:
                 loss = (torch.stack(window_losses).double().mean() if window_losses
                         else None)
                 on_step(k, loss, norm, skipped)
+            else:
+                raise PipelineError(f"stage {self.stage}: no handler for action {action}")
         self._drain_sends()
         end = self.clock.mark()
         self.clock.wait(end)
@@ -373,15 +415,17 @@ class PipelineExecutor:
         0-d tensor on the device (None elsewhere)."""
         total, count = None, 0
         for j in range(1, num_microbatches + 1):
-            self._post_held(unless_peer=self.prev_rank)
-            inputs = self._inputs(Action("F", j), batches, "eval activations")
-            with self.autocast():
-                out = self.model(**inputs)
-            if self.last:
-                loss = out.float().mean().double()
-                total = loss if total is None else total + loss
-                count += 1
-            else:
-                self._send(out, self.next_rank)
+            for chunk in range(self.chunks):
+                action = Action("F", j, chunk)
+                self._post_held(unless_peer=self._recv_peer(action))
+                inputs = self._inputs(action, batches, "eval activations")
+                with self.autocast():
+                    out = self.model(**inputs)
+                if self._is_last(chunk):
+                    loss = out.float().mean().double()
+                    total = loss if total is None else total + loss
+                    count += 1
+                else:
+                    self._send(out, self._send_peer(action))
         self._drain_sends()
         return total / count if count else None

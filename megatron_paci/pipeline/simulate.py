@@ -17,17 +17,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from megatron_paci.pipeline.schedules import (
-    SCHEDULES,
-    Action,
-    build_schedule,
-    paci_bound,
-)
+from megatron_paci.pipeline.actions import Action
+from megatron_paci.pipeline.registry import ScheduleSpec, get_schedule, schedule_names
 
 
 @dataclass
 class Costs:
-    """Time of one action on a stage (any unit; backward is about twice a forward)."""
+    """Time of one action on a stage (any unit; backward is about twice a forward).
+
+    With several model chunks per rank these are the costs of one chunk's action."""
 
     forward: float = 1.0
     backward: float = 2.0
@@ -53,6 +51,7 @@ class Timeline:
     window: int
     num_windows: int
     events: list[tuple[int, Action, float, float]] = field(default_factory=list)
+    chunks: int = 1
 
     @property
     def makespan(self) -> float:
@@ -74,31 +73,24 @@ class Timeline:
         return [(a, t0, t1) for s, a, t0, t1 in self.events if s == stage]
 
 
-def simulate(
-    name: str,
-    stages: int,
-    window: int,
-    num_windows: int,
-    costs: Costs | None = None,
-    per_stage_costs: Sequence[Costs] | None = None,
-) -> Timeline:
-    """Run every stage's action list in order, one action at a time.
+def _spec(schedule: str | ScheduleSpec) -> ScheduleSpec:
+    return schedule if isinstance(schedule, ScheduleSpec) else get_schedule(schedule)
 
-    F(j) on stage s>0 waits for F(j) on s-1 plus p2p; B(j) on s<P-1 waits for B(j) on s+1
-    plus p2p (the p2p cost of the receiving stage). A 1F1B-flush STEP is global: STEP(k)
-    starts on every stage once all stages have reached it (the flush, the DP all-reduce and
-    the global grad-norm clip). 2BW and PACI step locally.
+
+def run_lists(spec: ScheduleSpec, lists: Sequence[Sequence[Action]], chunks: int,
+              per_stage_costs: Sequence[Costs]) -> list[tuple[int, Action, float, float]]:
+    """Play per-rank action lists against each other, one action at a time per rank.
+
+    F(j) on virtual stage u = chunk*P + rank waits for F(j) on u-1 plus p2p; B(j) waits
+    for B(j) on u+1 plus p2p (the receiving rank's p2p cost). A global STEP(k) starts on
+    every rank once all ranks have reached it (the flush, the DP all-reduce and the
+    global grad-norm clip); a local one runs on its own. Raises RuntimeError naming
+    where each rank waits if the lists deadlock, or if an action waits for one that
+    no rank runs.
     """
-    if per_stage_costs is None:
-        per_stage_costs = [costs or Costs()] * stages
-    elif costs is not None:
-        raise ValueError("give either costs or per_stage_costs, not both")
-    if len(per_stage_costs) != stages:
-        raise ValueError(f"per_stage_costs has {len(per_stage_costs)} entries for {stages} stages")
-    lists = [build_schedule(name, stages, s, window, num_windows) for s in range(stages)]
-    global_step = name == "1f1b_flush"
-    f_end: list[dict[int, float]] = [{} for _ in range(stages)]
-    b_end: list[dict[int, float]] = [{} for _ in range(stages)]
+    stages = len(lists)
+    last = stages * chunks - 1
+    done: dict[tuple[str, int, int], float] = {}  # (kind, virtual stage, j) -> end
     pos = [0] * stages
     free = [0.0] * stages
     per_stage: list[list[tuple[int, Action, float, float]]] = [[] for _ in range(stages)]
@@ -108,10 +100,8 @@ def simulate(
         end = start + per_stage_costs[s].of(a)
         free[s] = end
         per_stage[s].append((s, a, start, end))
-        if a.kind == "F":
-            f_end[s][a.index] = end
-        elif a.kind == "B":
-            b_end[s][a.index] = end
+        if a.spec.per_microbatch:
+            done[(a.kind, a.chunk * stages + s, a.index)] = end
         pos[s] += 1
 
     while any(pos[s] < len(lists[s]) for s in range(stages)):
@@ -119,20 +109,20 @@ def simulate(
         for s in range(stages):
             while pos[s] < len(lists[s]):
                 a = lists[s][pos[s]]
+                u = a.chunk * stages + s
                 ready = 0.0
-                if a.kind == "F" and s > 0:
-                    if a.index not in f_end[s - 1]:
+                source = {"prev": u - 1 if u > 0 else None,
+                          "next": u + 1 if u < last else None}.get(a.spec.receives_from)
+                if source is not None:
+                    key = (a.kind, source, a.index)
+                    if key not in done:
                         break
-                    ready = f_end[s - 1][a.index] + per_stage_costs[s].p2p
-                elif a.kind == "B" and s < stages - 1:
-                    if a.index not in b_end[s + 1]:
-                        break
-                    ready = b_end[s + 1][a.index] + per_stage_costs[s].p2p
-                elif a.kind == "STEP" and global_step:
+                    ready = done[key] + per_stage_costs[s].p2p
+                elif a.kind == "STEP" and spec.global_step:
                     break  # handled below, once every stage has reached it
                 run(s, a, ready)
                 progressed = True
-        if global_step:
+        if spec.global_step:
             heads = [lists[s][pos[s]] if pos[s] < len(lists[s]) else None for s in range(stages)]
             if all(h is not None and h.kind == "STEP" for h in heads) and len(set(heads)) == 1:
                 flush = max(free)
@@ -141,11 +131,32 @@ def simulate(
                 progressed = True
         if not progressed:
             stuck = {s: str(lists[s][pos[s]]) for s in range(stages) if pos[s] < len(lists[s])}
-            raise RuntimeError(f"schedule {name} deadlocks; stages waiting at {stuck}")
-
+            raise RuntimeError(f"schedule {spec.name} deadlocks; ranks waiting at {stuck}")
     events = [e for evs in per_stage for e in evs]
     events.sort(key=lambda e: e[2])  # stable: a stage's own order survives ties
-    return Timeline(name, stages, window, num_windows, events)
+    return events
+
+
+def simulate(
+    name: str | ScheduleSpec,
+    stages: int,
+    window: int,
+    num_windows: int,
+    costs: Costs | None = None,
+    per_stage_costs: Sequence[Costs] | None = None,
+    chunks: int = 1,
+) -> Timeline:
+    """Run the schedule's action lists (exactly what the executor runs) with costs."""
+    spec = _spec(name)
+    if per_stage_costs is None:
+        per_stage_costs = [costs or Costs()] * stages
+    elif costs is not None:
+        raise ValueError("give either costs or per_stage_costs, not both")
+    if len(per_stage_costs) != stages:
+        raise ValueError(f"per_stage_costs has {len(per_stage_costs)} entries for {stages} stages")
+    lists = [spec.actions(stages, s, window, num_windows, 1, chunks) for s in range(stages)]
+    events = run_lists(spec, lists, chunks, per_stage_costs)
+    return Timeline(spec.name, stages, window, num_windows, events, chunks)
 
 
 def bubble_fraction(tl: Timeline) -> float:
@@ -300,8 +311,11 @@ def summary(tl: Timeline) -> dict:
         "throughput": throughput(tl),
         "peak_in_flight": peak_in_flight_per_stage(tl),
     }
-    if tl.schedule == "paci":
-        row["bound"] = [paci_bound(tl.stages, s, tl.window) for s in range(tl.stages)]
+    spec = get_schedule(tl.schedule)
+    tables = [spec.versions(tl.stages, s, tl.window, tl.num_windows, 1, tl.chunks)
+              for s in range(tl.stages)]
+    row["max_drift"] = [max((vb - vf for vf, vb in t.values()), default=0) for t in tables]
+    row["chunks"] = tl.chunks
     return row
 
 
@@ -323,10 +337,10 @@ def _fmt(v: float) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """Plain-text table of ``summary`` rows."""
     head = ["schedule", "P", "M", "windows", "makespan", "bubble", "steady", "thru/t",
-            "peak in-flight/stage", "paci bound/stage"]  # fmt: skip
+            "peak in-flight/stage", "max drift/stage"]  # fmt: skip
     body = [
         [
-            r["schedule"],
+            r["schedule"] + (f" v={r['chunks']}" if r.get("chunks", 1) > 1 else ""),
             str(r["stages"]),
             str(r["window"]),
             str(r["num_windows"]),
@@ -335,7 +349,7 @@ def format_table(rows: Sequence[dict]) -> str:
             _fmt(r["steady_bubble"]),
             _fmt(r["throughput"]),
             " ".join(map(str, r["peak_in_flight"])),
-            " ".join(map(str, r["bound"])) if "bound" in r else "-",
+            " ".join(map(str, r["max_drift"])),
         ]  # fmt: skip
         for r in rows
     ]
@@ -345,13 +359,27 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _png_path(output: str | None, name: str, stages: int, window: int, several: bool) -> str:
+def _png_path(output: str | None, name: str, stages: int, window: int, several: bool,
+              chunks: int = 1) -> str:
+    tag = f"{name}_v{chunks}" if chunks > 1 else name
     if output is None:
-        return f"timeline_{name}_P{stages}_M{window}.png"
+        return f"timeline_{tag}_P{stages}_M{window}.png"
     if not several:
         return output
     root, ext = os.path.splitext(output)
-    return f"{root}_{name}{ext or '.png'}"
+    return f"{root}_{tag}{ext or '.png'}"
+
+
+def _runs(schedule: str, virtual: int | None) -> list[tuple[str, int]]:
+    """(schedule, chunks) pairs to simulate: 'all' is every registered schedule, plus
+    the interleaved form of each that can hold several chunks per rank."""
+    if schedule != "all":
+        get_schedule(schedule)  # a clear error for an unknown name
+        return [(schedule, virtual or 1)]
+    runs = [(name, 1) for name in schedule_names()]
+    runs += [(name, virtual or 2) for name in schedule_names()
+             if (get_schedule(name).max_chunks or 2) > 1 and (virtual or 2) > 1]
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -360,10 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m megatron_paci.pipeline.simulate",
         description="Simulate a pipeline schedule: bubble, in-flight count, timeline PNG.",
     )
-    p.add_argument("--schedule", default="paci", help=f"one of {', '.join(SCHEDULES)} or all")
+    p.add_argument("--schedule", default="paci",
+                   help=f"one of {', '.join(schedule_names())}, file:PATH, or all")
     p.add_argument("--stages", type=int, default=4, help="pipeline stages P")
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches per window M")
     p.add_argument("--windows", type=int, default=4, help="number of windows (global batches)")
+    p.add_argument("--virtual", type=int, default=None,
+                   help="model chunks per rank (interleaving; 'all' adds v=2 by default); "
+                        "action costs are split evenly over the chunks")
     p.add_argument("--forward", type=float, default=1.0)
     p.add_argument("--backward", type=float, default=2.0)
     p.add_argument("--step", type=float, default=0.0)
@@ -372,26 +404,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     args = p.parse_args(argv)
 
-    names = list(SCHEDULES) if args.schedule == "all" else [args.schedule]
     rows: list[dict] = []
     notes: list[str] = []
     try:
-        costs = Costs(args.forward, args.backward, args.step, args.p2p)
-        if args.schedule != "all" and args.schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {args.schedule!r}; valid: {', '.join(SCHEDULES)}, all"
-            )
+        Costs(args.forward, args.backward, args.step, args.p2p)
         if args.windows < 1:
             raise ValueError(f"--windows must be >= 1, got {args.windows}")
+        if args.virtual is not None and args.virtual < 1:
+            raise ValueError(f"--virtual must be >= 1, got {args.virtual}")
+        runs = _runs(args.schedule, args.virtual)
+        names = [name for name, _ in runs]
         timelines = []
-        for name in names:
+        for name, chunks in runs:
+            # The same work per micro-batch at any v: each chunk holds 1/v of a stage.
+            costs = Costs(args.forward / chunks, args.backward / chunks, args.step, args.p2p)
             try:
                 timelines.append(simulate(name, args.stages, args.microbatches, args.windows,
-                                          costs))  # fmt: skip
+                                          costs, chunks=chunks))
             except ValueError as e:
-                if len(names) == 1 or "2BW" not in str(e):
+                if len(runs) == 1:
                     raise
-                notes.append(f"{name} skipped: {e}")
+                notes.append(f"{name}{f' v={chunks}' if chunks > 1 else ''} skipped: {e}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -402,9 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(n)
     if not args.no_plot:
         for tl, row in zip(timelines, rows, strict=True):
-            path = _png_path(args.output, tl.schedule, tl.stages, tl.window, len(names) > 1)
+            path = _png_path(args.output, tl.schedule, tl.stages, tl.window, len(names) > 1,
+                             tl.chunks)
             title = (
-                f"{tl.schedule}  P={tl.stages} M={tl.window} windows={tl.num_windows}  "
+                f"{tl.schedule}{f' interleaved v={tl.chunks}' if tl.chunks > 1 else ''}  "
+                f"P={tl.stages} M={tl.window} windows={tl.num_windows}  "
                 f"bubble {row['bubble']:.1%}"
             )
             draw(tl, path, title)

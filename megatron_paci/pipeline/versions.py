@@ -20,13 +20,56 @@ The three schedules differ only here and in where STEP sits (schedules.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from megatron_paci.pipeline.schedules import two_bw_version
+from megatron_paci.pipeline.actions import Action
+
+
+def two_bw_version(j: int, window: int) -> int:
+    """The stashed version PipeDream-2BW's F(j) and B(j) both use: one-step delayed weights."""
+    if j < 1 or window < 1:
+        raise ValueError(f"need j >= 1 and window >= 1, got j={j}, window={window}")
+    return max(0, (j - 1) // window - 1)
+
+
+VersionTable = dict[tuple[int, int], tuple[int, int]]  # (chunk, j) -> (v_F, v_B)
+
+
+def live_table(actions: list[Action], window: int, start: int) -> VersionTable:
+    """Updates applied on the rank before each F(j) and B(j): the live-weight versions.
+
+    ``start`` is the version at the top of the list (updates in earlier segments)."""
+    v = start
+    v_f: dict[tuple[int, int], int] = {}
+    out: VersionTable = {}
+    for a in actions:
+        key = (a.chunk, a.index)
+        if a.kind == "STEP":
+            v += 1
+        elif a.kind == "F":
+            v_f[key] = v
+        elif a.kind == "B":
+            if key not in v_f:
+                raise ValueError(f"{a} comes before its forward")
+            out[key] = (v_f[key], v)
+    missing = sorted(set(v_f) - set(out))
+    if missing:
+        raise ValueError("micro-batches forwarded but never backwarded (chunk, j): "
+                         f"{missing}")
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][1], kv[0][0])))
+
+
+def stashed_table(actions: list[Action], window: int, start: int) -> VersionTable:
+    """PipeDream-2BW: F(j) and B(j) on the same one-step-delayed stashed version."""
+    live_table(actions, window, start)  # the same well-formedness checks
+    keys = sorted({(a.chunk, a.index) for a in actions if a.kind == "F"},
+                  key=lambda k: (k[1], k[0]))
+    return {k: (two_bw_version(k[1], window),) * 2 for k in keys}
 
 
 class LiveWeights:
@@ -160,3 +203,23 @@ class TwoVersionStash:
             w.register_post_accumulate_grad_hook(self._hook_for(p))
             older[name] = w
         self.versions[self.steps - 1] = older
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """A schedule's weight-version policy, as the registry declares it."""
+
+    name: str
+    copies: int  # weight copies a rank holds at most
+    table: Callable[[list[Action], int, int], VersionTable]
+
+    def make(self, model: nn.Module, window: int,
+             accumulate: Callable[[nn.Parameter, torch.Tensor], None],
+             rebind: Callable[[], None]) -> LiveWeights | TwoVersionStash:
+        if self.copies == 2:
+            return TwoVersionStash(model, window, accumulate, rebind)
+        return LiveWeights(model)
+
+
+LIVE = WeightRule("live", 1, live_table)
+TWO_VERSIONS = WeightRule("two_versions", 2, stashed_table)

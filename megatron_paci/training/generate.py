@@ -53,7 +53,7 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
     from megatron_paci.checkpoint.format import latest_checkpoint, load_checkpoint, read_meta
     from megatron_paci.config import config_from_dict
     from megatron_paci.data.tokenizer import build_tokenizer
-    from megatron_paci.pipeline.traits import schedule_traits
+    from megatron_paci.pipeline.registry import get_schedule
     from megatron_paci.training.trainer import resolve_vocab_size
 
     path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
@@ -65,7 +65,7 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
     layout = meta.get("layout", {})
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = resolve_vocab_size(cfg, tokenizer.vocab_size, layout.get("tensor", 1))
-    model_cfg = schedule_traits(meta.get("schedule", "1f1b_flush")).stage_model_config(
+    model_cfg = get_schedule(meta.get("schedule", cfg.pipeline.schedule)).stage_model_config(
         cfg.model, layout.get("pipeline", 1))
     model = GPTModel(model_cfg, vocab, seed=cfg.train.seed)
     load_checkpoint(path, {"model": model.state_dict()})

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from megatron_paci.config.schema import Config
 from megatron_paci.parallel.state import ParallelConfigError, check_sizes
-from megatron_paci.pipeline.partition import partition_layers
-from megatron_paci.pipeline.traits import schedule_traits
+from megatron_paci.pipeline.partition import chunk_layers
+from megatron_paci.pipeline.registry import get_schedule
+from megatron_paci.pipeline.validate import check_schedule
+
+
+def _uses_nccl(cfg: Config) -> bool:
+    """Whether the pipeline's messages go over NCCL (a CUDA run), as initialize picks."""
+    import torch
+
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto"
+                                          and torch.cuda.is_available())
 
 
 def validate_layout(cfg: Config, world: int) -> int:
@@ -42,7 +51,8 @@ def validate_layout(cfg: Config, world: int) -> int:
             f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={tp}, "
             "which sequence parallelism needs")
     try:
-        partition_layers(m.num_layers, par.pipeline, cfg.pipeline.layers_per_stage)
+        chunk_layers(m.num_layers, par.pipeline, par.virtual_pipeline,
+                     cfg.pipeline.layers_per_stage)
     except ValueError as e:
         raise ParallelConfigError(str(e)) from None
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -50,16 +60,23 @@ def validate_layout(cfg: Config, world: int) -> int:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
             f"(world {world} / (tensor {tp} x pipeline {par.pipeline}))")
-    traits = schedule_traits(cfg.pipeline.schedule)
-    if (par.pipeline > 1 and m.tie_embeddings and traits.tied_embeddings_across_stages
+    try:
+        spec = get_schedule(cfg.pipeline.schedule)
+    except (ValueError, OSError) as e:
+        raise ParallelConfigError(str(e)) from None
+    if (par.pipeline > 1 and m.tie_embeddings and spec.tied_embeddings_across_stages
             and cfg.optim.distributed_optimizer):
         raise ParallelConfigError(
             "optim.distributed_optimizer=true cannot keep the embedding tied across pipeline "
-            f"stages ({traits.title}, parallel.pipeline={par.pipeline}); set "
+            f"stages ({spec.title}, parallel.pipeline={par.pipeline}); set "
             "model.tie_embeddings=false")
     window = t.global_batch_size // (t.micro_batch_size * dp)
     try:
-        traits.check(par.pipeline, window, cfg.optim.distributed_optimizer)
+        spec.check(par.pipeline, window, par.virtual_pipeline, cfg.optim.distributed_optimizer)
+        # Every rank's list, played against the others: no deadlock, no window cut in
+        # half, messages received in the order they are sent.
+        check_schedule(spec, par.pipeline, window, par.virtual_pipeline,
+                       nccl=_uses_nccl(cfg))
     except ValueError as e:
-        raise ParallelConfigError(str(e)) from None
+        raise ParallelConfigError(f"pipeline.schedule={cfg.pipeline.schedule}: {e}") from None
     return dp

@@ -40,11 +40,11 @@ from megatron_paci.optim.optimizer import Optimizer
 from megatron_paci.parallel import comm
 from megatron_paci.parallel.random import capture_rng, restore_rng, seed_everything
 from megatron_paci.parallel.state import ParallelState, single_process
+from megatron_paci.pipeline.actions import Action
 from megatron_paci.pipeline.executor import PipelineExecutor
-from megatron_paci.pipeline.partition import partition_layers
-from megatron_paci.pipeline.schedules import Action
+from megatron_paci.pipeline.partition import chunk_layers
+from megatron_paci.pipeline.registry import get_schedule
 from megatron_paci.pipeline.simulate import Timeline, draw
-from megatron_paci.pipeline.traits import schedule_traits
 from megatron_paci.tensor_parallel import model_parallel_seed
 from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token
 from megatron_paci.training.generate import sample
@@ -151,7 +151,7 @@ class Trainer:
         seed_everything(t.seed)
         self.rng_tracker = model_parallel_seed(t.seed, ps.tensor_rank, ps.pipeline_rank)
         self.kernels = select_kernels(cfg.kernels.backend, cfg.kernels.overrides, self.device)
-        self.traits = schedule_traits(cfg.pipeline.schedule)
+        self.schedule = get_schedule(cfg.pipeline.schedule)
         self._build_stage()
         self.parity_report = self._check_kernels() if cfg.kernels.parity_check else []
         self.progress = Progress()
@@ -171,10 +171,11 @@ class Trainer:
         ctx = LayerContext(group=ps.tensor_group, size=ps.tensor_size, rank=ps.tensor_rank,
                            sequence_parallel=cfg.parallel.sequence_parallel,
                            rng=self.rng_tracker, kernels=self.kernels)
-        first, last = partition_layers(cfg.model.num_layers, ps.pipeline_size,
-                                       cfg.pipeline.layers_per_stage)[ps.pipeline_rank]
-        self.stage = StageSpec(first, last, ps.is_first_stage, ps.is_last_stage)
-        model_cfg = self.traits.stage_model_config(cfg.model, ps.pipeline_size)
+        self.chunks = cfg.parallel.virtual_pipeline
+        ranges = chunk_layers(cfg.model.num_layers, ps.pipeline_size, self.chunks,
+                              cfg.pipeline.layers_per_stage)[ps.pipeline_rank]
+        self.stage = StageSpec.of_chunks(ranges, ps.is_first_stage, ps.is_last_stage)
+        model_cfg = self.schedule.stage_model_config(cfg.model, ps.pipeline_size)
         self.untied_for_pipeline = model_cfg.tie_embeddings != cfg.model.tie_embeddings
         self.model = GPTModel(model_cfg, self.vocab_size, stage=self.stage, seed=t.seed,
                               tp=ctx).to(self.device)
@@ -187,10 +188,10 @@ class Trainer:
                     else self.model.output_layer.weight)
             tied.pipeline_shared_copy = not self.stage.pre_process
         self.optimizer = Optimizer(self.model, cfg.optim, ps,
-                                   clip_across_pipeline=self.traits.global_step,
+                                   clip_across_pipeline=self.schedule.global_step,
                                    kernels=self.kernels)
         self.lr_schedule = LRSchedule(cfg.optim, t.iters)
-        self.policy = self.traits.make_policy(self.model, self.num_micro_batches,
+        self.policy = self.schedule.make_policy(self.model, self.num_micro_batches,
                                               self.optimizer.grad_buffer.accumulate,
                                               self.optimizer.rebind_storage)
         if tied is not None:
@@ -199,10 +200,10 @@ class Trainer:
                                              else 1)
         self.executor = PipelineExecutor(
             model=self.model, optimizer=self.optimizer, lr_schedule=self.lr_schedule,
-            policy=self.policy, pstate=ps, schedule=cfg.pipeline.schedule,
-            window=self.num_micro_batches,
+            policy=self.policy, pstate=ps, schedule=self.schedule,
+            window=self.num_micro_batches, chunks=self.chunks,
             activation_shape=(seq_local, t.micro_batch_size, cfg.model.hidden_size),
-            device=self.device, autocast=self._autocast, global_step=self.traits.global_step,
+            device=self.device, autocast=self._autocast,
             record_events=cfg.pipeline.timeline,
             verify_versions=cfg.pipeline.verify_versions,
             keep_versions=cfg.pipeline.dump_versions,
@@ -242,7 +243,7 @@ class Trainer:
             optim[key] = as_global(t, dims.get(name) if t.ndim else None, self.pstate)
         tensors = {"model": model, "optimizer": optim,
                    f"rng_rank{self.pstate.rank}": self._rng_state()}
-        if self.traits.stashes_weights:
+        if self.schedule.stashes_weights:
             stash = self.policy.state_tensors() or {
                 n: p.detach() for n, p in self.model.named_parameters()}
             tensors["pipeline_stash"] = {n: as_global(t, dims.get(n), self.pstate)
@@ -257,7 +258,7 @@ class Trainer:
             "skipped_iters": self.progress.skipped_iters,
             "lr_schedule": self.lr_schedule.state_dict(),
             "schedule": self.cfg.pipeline.schedule,
-            "pipeline_stash": self.traits.stashes_weights,
+            "pipeline_stash": self.schedule.stashes_weights,
             "layout": {"world": ps.world_size, "tensor": ps.tensor_size,
                        "pipeline": ps.pipeline_size, "data": ps.data_size},
         }
@@ -294,7 +295,7 @@ class Trainer:
             self.policy.load_state_tensors(
                 {k: v.to_local() if hasattr(v, "to_local") else v
                  for k, v in tensors["pipeline_stash"].items()})
-        elif self.traits.stashes_weights and self.progress.iteration > 0:
+        elif self.schedule.stashes_weights and self.progress.iteration > 0:
             # From another schedule's checkpoint: the older version starts equal to
             # the loaded weights.
             self.policy.load_state_tensors(
@@ -388,11 +389,13 @@ class Trainer:
             self._print("kernel parity check against the torch references passed:\n"
                         + "\n".join(self.parity_report))
         if ps.pipeline_size > 1:
-            self._print(f"pipeline: {self.traits.title}, {ps.pipeline_size} stages, window "
-                        f"{self.num_micro_batches}; last stage holds layers "
-                        f"{self.stage.first_layer}-{self.stage.last_layer - 1}")
+            self._print(f"pipeline: {self.schedule.title}, {ps.pipeline_size} stages, window "
+                        f"{self.num_micro_batches}"
+                        + (f", {self.chunks} model chunks per rank (interleaved)"
+                           if self.chunks > 1 else "")
+                        + f"; last stage holds layers {self.stage.describe()}")
         if self.untied_for_pipeline:
-            self._print(f"pipeline: {self.traits.title} uses an untied output layer "
+            self._print(f"pipeline: {self.schedule.title} uses an untied output layer "
                         "(model.tie_embeddings ignored): keeping a tied copy in sync would "
                         "need a first/last-stage all-reduce at every step")
         self.maybe_resume()
@@ -452,8 +455,8 @@ class Trainer:
             out = os.path.join(self.cfg.run.dir, "pipeline")
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, f"versions_stage{ps.pipeline_rank}.csv"), "w") as f:
-                f.write("stage,microbatch,version_forward,version_backward\n")
-                f.writelines(f"{s},{j},{vf},{vb}\n" for s, j, vf, vb in tel.rows())
+                f.write("stage,chunk,microbatch,version_forward,version_backward\n")
+                f.writelines(f"{s},{c},{j},{vf},{vb}\n" for s, c, j, vf, vb in tel.rows())
         mine = torch.tensor([float(tel.max_drift()), float(tel.peak_in_flight),
                              float(tel.peak_versions), self.executor.measured_bubble(),
                              peak_rss_mb(), tel.mean_ms("F"), tel.mean_ms("B"),
@@ -466,7 +469,7 @@ class Trainer:
         if not self.log_enabled:
             return
         if ps.pipeline_size > 1:
-            self._print(f"pipeline {self.traits.title}: max updates crossed per stage "
+            self._print(f"pipeline {self.schedule.title}: max updates crossed per stage "
                         f"{col(0)}, peak in-flight micro-batches {col(1)}, peak weight "
                         f"versions {col(2)}, measured bubble {col(3, 3)}")
         self.metrics.log({
@@ -487,18 +490,19 @@ class Trainer:
             gathered = [mine]
         if not self.log_enabled:
             return
-        events = [(s, Action(kind if kind != "S" else "STEP", index), t0, t1)
+        events = [(s, Action(kind if kind != "S" else "STEP", index, chunk if kind != "S" else 0),
+                   t0, t1)
                   for s, stage_events in enumerate(gathered)
-                  for kind, index, t0, t1 in stage_events]
+                  for kind, index, t0, t1, chunk in stage_events]
         t_min = min((e[2] for e in events), default=0.0)
         events = sorted(((s, a, t0 - t_min, t1 - t_min) for s, a, t0, t1 in events),
                         key=lambda e: (e[2], e[0]))
-        tl = Timeline(self.cfg.pipeline.schedule, ps.pipeline_size, self.num_micro_batches,
-                      self.progress.iteration, events)
+        tl = Timeline(self.schedule.name, ps.pipeline_size, self.num_micro_batches,
+                      self.progress.iteration, events, self.chunks)
         out = os.path.join(self.cfg.run.dir, "pipeline")
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "timeline.png")
-        draw(tl, path, title=f"{self.traits.title} measured, P={ps.pipeline_size} "
+        draw(tl, path, title=f"{self.schedule.title} measured, P={ps.pipeline_size} "
                              f"M={self.num_micro_batches} (seconds)")
         self._print(f"measured pipeline timeline written to {path}")
 

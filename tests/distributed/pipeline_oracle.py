@@ -8,7 +8,7 @@ from megatron_paci.data.sampler import build_pretraining_data_loader
 from megatron_paci.model.gpt import GPTModel, StageSpec
 from megatron_paci.pipeline.emulator import emulate
 from megatron_paci.pipeline.partition import partition_layers
-from megatron_paci.pipeline.traits import schedule_traits
+from megatron_paci.pipeline.registry import get_schedule
 from megatron_paci.training.trainer import Trainer
 
 
@@ -18,7 +18,7 @@ def emulated_losses(cfg, stages: int, data_parallel: int, windows: int,
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pipeline=1,
                                                                 tensor=1))
     ref = Trainer(one)  # dataset, tokenizer and vocabulary exactly as the real run
-    traits = schedule_traits(cfg.pipeline.schedule)
+    traits = get_schedule(cfg.pipeline.schedule)
     model_cfg = traits.stage_model_config(cfg.model, stages)
     models = []
     for s, (first, last) in enumerate(partition_layers(cfg.model.num_layers, stages,

@@ -11,9 +11,10 @@ import os
 import numpy as np
 import pytest
 from launcher import spawn
-from nccl_p2p_model import stuck_calls
 from parallel_equality import config, losses, make_dataset, train
 from pipeline_oracle import emulated_losses
+
+from megatron_paci.pipeline.nccl_model import stuck_calls
 
 SCHEDULES = ("1f1b_flush", "pipedream_2bw", "paci")
 WINDOWS = 10

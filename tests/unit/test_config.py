@@ -88,7 +88,6 @@ def test_unknown_key_in_file_names_file(tmp_path):
         ("optim.lr=fast", "optim.lr"),
         ("train.iters=1.5", "train.iters"),
         ("model.tie_embeddings=maybe", "model.tie_embeddings"),
-        ("pipeline.schedule=gpipe", "1f1b_flush, pipedream_2bw, paci"),
         ("model.hidden_size=100", "num_attention_heads"),
         ("train.global_batch_size=10", "micro_batch_size"),
         ("model.max_position_embeddings=64", "seq_length"),

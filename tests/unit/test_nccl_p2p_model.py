@@ -3,11 +3,7 @@ checked on hand-written call lists: 1F1B on 2 stages with every op posted alone 
 classic deadlock), and with each send posted together with the next receive from the
 same peer (Megatron's send_forward_recv_backward)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed"))
-from nccl_p2p_model import stuck_calls  # noqa: E402
+from megatron_paci.pipeline.nccl_model import stuck_calls
 
 S0, S1 = 0, 1
 # 1F1B, P=2, M=3. Stage 0: F1 F2 B1 F3 B2 B3. Stage 1: F1 B1 F2 B2 F3 B3.

@@ -75,18 +75,10 @@ def test_pipeline_layout_errors(overrides, world, needle):
     assert needle in str(e.value)
 
 
-def test_unknown_schedule_lists_valid_ones():
-    from megatron_paci.config import ConfigError
-
-    with pytest.raises(ConfigError, match="1f1b_flush, pipedream_2bw, paci"):
-        load_config(None, ["pipeline.schedule=gpipe"])
-
-
-def test_config_and_pipeline_agree_on_schedule_names():
-    from megatron_paci.config.loader import SCHEDULES as CONFIG_SCHEDULES
-    from megatron_paci.pipeline.schedules import SCHEDULES
-
-    assert tuple(CONFIG_SCHEDULES) == tuple(SCHEDULES)
+def test_unknown_schedule_is_refused_before_process_groups_listing_the_registry():
+    cfg = load_config(None, ["pipeline.schedule=gpipe", "parallel.pipeline=2"])
+    with pytest.raises(ParallelConfigError, match="'gpipe'.*1f1b_flush, pipedream_2bw, paci"):
+        validate_layout(cfg, 2)
 
 
 def test_even_and_explicit_layer_split():

@@ -141,11 +141,13 @@ def test_project_rows() -> None:
         assert r["bubble"] == pytest.approx((p - 1) / (n + p - 1), abs=1e-12)
         assert r["throughput"] == pytest.approx(n / ((n + p - 1) * 3.0))
         assert r["peak_in_flight"] == [min(p - s, n) for s in range(p)]
-        assert r["bound"] == [math.ceil((p - s - 1) / 8) for s in range(p)]
+        # design.md: v_B = (j-1)//a, v_F = max(0, j-(P-s))//a, over the 32 micro-batches run
+        assert r["max_drift"] == [max((j - 1) // 8 - max(0, j - (p - s)) // 8
+                                      for j in range(1, n + 1)) for s in range(p)]
 
 
 def test_bad_inputs() -> None:
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="unknown pipeline.schedule"):
         simulate("gpipe", 2, 2, 1, UNIT)
     with pytest.raises(ValueError, match="m >= P-1"):
         simulate("pipedream_2bw", 4, 2, 1, UNIT)
@@ -195,7 +197,7 @@ def test_cli_all_compares_three(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--schedule", "gpipe"], "unknown schedule"),
+        (["--schedule", "gpipe"], "unknown pipeline.schedule"),
         (["--schedule", "pipedream_2bw", "--stages", "4", "--microbatches", "2"], "m >= P-1"),
         (["--schedule", "paci", "--microbatches", "0"], "a window of zero"),
         (["--schedule", "paci", "--forward", "-1"], ">= 0"),

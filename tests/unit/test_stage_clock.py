@@ -81,7 +81,7 @@ def test_version_rows_kept_only_for_the_dump(tmp_path, dump):
     tel = _trained(tmp_path, **{"pipeline.dump_versions": dump}).executor.telemetry
     assert tel.max_drift() == 0  # one stage: nothing crosses an update
     if dump:
-        assert sorted(tel.versions) == list(range(1, ITERS * MICRO_BATCHES + 1))
+        assert sorted(tel.versions) == [(0, j) for j in range(1, ITERS * MICRO_BATCHES + 1)]
         csv = (tmp_path / "run" / "pipeline" / "versions_stage0.csv").read_text()
         assert len(csv.splitlines()) == 1 + ITERS * MICRO_BATCHES
     else:

@@ -1,8 +1,9 @@
 """Would a run's point-to-point calls complete under NCCL's rules? A sequential model.
 
-gloo (all these tests have) buffers sends, so a call order that deadlocks NCCL runs
-fine here. This replays the calls each rank made (``comm.P2P_CALLS``: a call is the
-list of ("send" | "recv", peer) ops posted together) under NCCL's rules, taken
+gloo buffers sends, so a call order that deadlocks NCCL runs fine on a CPU. This
+replays the calls each rank makes (a call is the list of ("send" | "recv", peer) ops
+posted together: what ``comm.P2P_CALLS`` records in a real run, or what
+``executor_calls`` derives from the action lists before one) under NCCL's rules, taken
 conservatively:
 
 - a send or a receive blocks until the peer's matching op runs (no eager buffering);
@@ -18,7 +19,45 @@ The k-th send from rank a to rank b matches the k-th receive at b from a.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from megatron_paci.pipeline.actions import Action
+
 Call = list[tuple[str, int]]
+
+
+def executor_calls(lists: Sequence[Sequence[Action]], chunks: int) -> dict[int, list[Call]]:
+    """The point-to-point calls the executor makes for these per-rank lists (ranks
+    0..P-1), by its rule: a send is held until the next action, posted with that
+    action's receive when it comes from the same peer, else alone before it; a STEP
+    and the end of the list post it alone. The distributed tests check this
+    against the calls real runs record."""
+    stages = len(lists)
+    last = stages * chunks - 1
+    out: dict[int, list[Call]] = {}
+    for rank, actions in enumerate(lists):
+        calls: list[Call] = []
+        held: int | None = None
+        for a in actions:
+            u = a.chunk * stages + rank
+            side = a.spec.receives_from
+            src = None
+            if side is not None:
+                v = u - 1 if side == "prev" else u + 1
+                src = v % stages if 0 <= v <= last else None
+            if held is not None and src != held:
+                calls.append([("send", held)])
+                held = None
+            if src is not None:
+                calls.append(([("send", held)] if held is not None else []) + [("recv", src)])
+                held = None
+            dst = {"F": u + 1, "B": u - 1}.get(a.kind)
+            if dst is not None and 0 <= dst <= last:
+                held = dst % stages
+        if held is not None:
+            calls.append([("send", held)])
+        out[rank] = calls
+    return out
 
 
 def stuck_calls(calls: dict[int, list[Call]]) -> str | None:

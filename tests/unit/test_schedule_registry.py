@@ -1,0 +1,208 @@
+"""The schedule registry, interleaved 1F1B, schedule files and the offline list checks.
+
+References are hand-written: Megatron's interleaved order worked out from its rules
+(warm-up 2(P-s-1) + (v-1)P, chunk (k mod Pv) // P, micro-batch (k // Pv) P + k mod P),
+and Megatron's bubble analysis ((P-1)/(v M) of the ideal time with equal chunk costs).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_paci.pipeline.actions import STEP, B, F, format_actions, parse_action
+from megatron_paci.pipeline.registry import (
+    ScheduleSpec,
+    get_schedule,
+    register,
+    schedule_names,
+    unregister,
+)
+from megatron_paci.pipeline.schedule_file import ScheduleFileError, load_schedule_file
+from megatron_paci.pipeline.simulate import Costs, bubble_fraction, simulate, summary
+from megatron_paci.pipeline.validate import ScheduleListError, check_lists, check_schedule
+
+
+def gpipe(stages, stage, window, num_windows, first_window, chunks):
+    out = []
+    for k in range(first_window, first_window + num_windows):
+        js = range((k - 1) * window + 1, k * window + 1)
+        out += [F(j) for j in js] + [B(j) for j in js] + [STEP(k)]
+    return out
+
+
+@pytest.fixture
+def toy():
+    spec = register(ScheduleSpec(name="toy_gpipe", title="GPipe", build=gpipe,
+                                 global_step=True, tied_embeddings_across_stages=True))
+    yield spec
+    unregister("toy_gpipe")
+
+
+def test_a_toy_declared_here_is_a_schedule_everywhere(toy):
+    assert "toy_gpipe" in schedule_names() and get_schedule("toy_gpipe") is toy
+    check_schedule(toy, 4, 8)
+    tl = simulate("toy_gpipe", 4, 8, 2, Costs(1.0, 2.0))
+    # GPipe's bubble equals 1F1B's, (P-1)/(M+P-1) per flushed window, at M in flight.
+    assert bubble_fraction(tl) == pytest.approx(3 / 11)
+    assert summary(tl)["peak_in_flight"] == [8, 8, 8, 8]
+    assert summary(tl)["max_drift"] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="registered already"):
+        register(ScheduleSpec(name="toy_gpipe", title="again", build=gpipe,
+                              global_step=True, tied_embeddings_across_stages=True))
+
+
+def test_unregistered_toy_is_gone_and_unknown_names_list_the_registry():
+    assert "toy_gpipe" not in schedule_names()
+    with pytest.raises(ValueError, match="'gpipe'.*1f1b_flush, pipedream_2bw, paci.*file:"):
+        get_schedule("gpipe")
+
+
+def test_specs_declare_what_the_rest_of_the_system_asks():
+    flush, two_bw, paci = (get_schedule(n) for n in ("1f1b_flush", "pipedream_2bw", "paci"))
+    assert (flush.global_step, two_bw.global_step, paci.global_step) == (True, False, False)
+    assert (flush.weights.copies, two_bw.weights.copies, paci.weights.copies) == (1, 2, 1)
+    assert flush.max_chunks is None and two_bw.max_chunks == paci.max_chunks == 1
+    assert two_bw.problem(4, 2) and not two_bw.problem(4, 3)
+    assert "at most 1 model chunk" in paci.problem(4, 8, 2)
+
+
+# Megatron's interleaved 1F1B, P=2, v=2, M=4, worked out by hand from its rules.
+INTERLEAVED_P2_V2_M4 = {
+    0: "F1 F2 F1c1 F2c1 F3 B1c1 F4 B2c1 F3c1 B1 F4c1 B2 B3c1 B4c1 B3 B4 S1",
+    1: "F1 F2 F1c1 B1c1 F2c1 B2c1 F3 B1 F4 B2 F3c1 B3c1 F4c1 B4c1 B3 B4 S1",
+}
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_interleaved_order_is_megatrons(stage):
+    got = get_schedule("1f1b_flush").actions(2, stage, 4, 1, 1, chunks=2)
+    assert format_actions(got) == INTERLEAVED_P2_V2_M4[stage]
+
+
+def test_interleaved_second_window_is_renumbered_and_flushed():
+    got = get_schedule("1f1b_flush").actions(2, 0, 4, 2, 1, chunks=2)
+    second = format_actions(got[17:])
+    assert second == ("F5 F6 F5c1 F6c1 F7 B5c1 F8 B6c1 F7c1 B5 F8c1 B6 B7c1 B8c1 B7 B8 S2")
+
+
+def test_interleaving_with_m_equal_p_warms_up_everything():
+    acts = get_schedule("1f1b_flush").actions(4, 3, 4, 1, 1, chunks=2)
+    kinds = "".join(a.kind[0] for a in acts)
+    assert kinds == "F" * 8 + "B" * 8 + "S"
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 4, 2), (4, 8, 2), (4, 8, 4), (3, 6, 3), (8, 16, 2)])
+@pytest.mark.parametrize("windows", [1, 3])
+def test_interleaved_bubble_matches_megatrons_analysis(p, m, v, windows):
+    """Bubble time / ideal time = (P-1)/(v M) with equal chunk costs, so the idle share
+    of wall time is x / (1 + x) with x = (P-1)/(v M)."""
+    tl = simulate("1f1b_flush", p, m, windows, Costs(1.0 / v, 2.0 / v), chunks=v)
+    x = (p - 1) / (v * m)
+    assert bubble_fraction(tl) == pytest.approx(x / (1 + x))
+    flat = simulate("1f1b_flush", p, m, windows, Costs(1.0, 2.0))
+    assert bubble_fraction(flat) == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_interleaving_sizes_are_refused_with_megatrons_rule():
+    flush = get_schedule("1f1b_flush")
+    assert "multiple of parallel.pipeline=4" in flush.problem(4, 6, 2)
+    assert "parallel.pipeline >= 2" in flush.problem(1, 4, 2)
+    with pytest.raises(ValueError, match="multiple of parallel.pipeline"):
+        flush.actions(4, 0, 6, 1, 1, chunks=2)
+
+
+def test_every_builtin_size_passes_the_offline_checks():
+    for name in ("1f1b_flush", "pipedream_2bw", "paci"):
+        spec = get_schedule(name)
+        for p in (1, 2, 3, 4, 8):
+            for m in (1, 2, 3, 4, 8):
+                for v in (1, 2, 3):
+                    if spec.problem(p, m, v) is None:
+                        check_schedule(spec, p, m, v, num_windows=3)
+
+
+def test_nccl_check_refuses_interleaving_at_two_stages_and_passes_plain_1f1b():
+    flush = get_schedule("1f1b_flush")
+    with pytest.raises(ScheduleListError, match="would deadlock on NCCL"):
+        check_schedule(flush, 2, 4, 2, nccl=True)
+    check_schedule(flush, 4, 4, 2, nccl=True)  # M == P: all warm-up, no steady state
+    for name in ("1f1b_flush", "pipedream_2bw", "paci"):
+        for p, m in ((2, 4), (4, 4), (4, 8), (8, 8)):
+            check_schedule(get_schedule(name), p, m, nccl=True)
+
+
+# --- offline list checks ---------------------------------------------------------------
+
+def lists_of(*texts):
+    return [[parse_action(t) for t in text.split()] for text in texts]
+
+
+@pytest.mark.parametrize("texts, match", [
+    (("F1 F2 B1", "F1 B1 F2 B2 S1"), "rank 0: F2 is never backwarded"),
+    (("F1 B1 S1 F2 B2", "F1 B1 F2 B2 S1"), r"rank 0, action 2 \(S1\): steps before B2"),
+    (("F1 F2 B1 B2 S1", "F1 B1 F2 B2"), "rank 1: ends after STEP0, expected STEP1"),
+    (("B1 F1 F2 B2 S1", "F1 B1 F2 B2 S1"), "rank 0, action 0 \\(B1\\): backward before"),
+    (("F1 F2 B1 B2 S1", "F1 F1 B1 B2 S1"), "rank 1, action 1 \\(F1\\): forwarded twice"),
+    (("F1 F2 B1 B2 S1", "F1 B1 F2 B2 S1 F3"), "outside 1..2"),
+    (("F1 B1 F2 B2 S1", "F1 F2 B2 B1 S1"), "deadlocks; ranks waiting at"),
+    (("F1 F2 B1 B2 S1", "F1 F2 B2 B1 S1"), "rank 1 -> rank 0: message 0 is sent for gradients "
+                                           "of micro-batch 2 .* received as gradients of "
+                                           "micro-batch 1"),
+])
+def test_bad_lists_are_refused_naming_the_first_bad_action(texts, match):
+    with pytest.raises(ScheduleListError, match=match):
+        check_lists(get_schedule("1f1b_flush"), lists_of(*texts), 2, 1)
+
+
+def test_a_step_between_forward_and_backward_is_refused_for_a_global_schedule():
+    texts = ("F1 F2 F3 F4 B1 B2 S1 B3 B4 S2", "F1 B1 F2 B2 S1 F3 B3 F4 B4 S2")
+    with pytest.raises(ScheduleListError, match="does not allow"):
+        check_lists(get_schedule("1f1b_flush"), lists_of(*texts), 2, 2)
+    check_lists(get_schedule("paci"), lists_of(*texts), 2, 2)  # local steps: fine
+
+
+# --- schedule files ------------------------------------------------------------------
+
+def test_yaml_and_csv_files_give_the_builtin_lists(tmp_path):
+    flush = get_schedule("1f1b_flush")
+    one = {s: format_actions(flush.actions(2, s, 4, 1)) for s in range(2)}
+    y = tmp_path / "f.yaml"
+    y.write_text("stages: 2\nmicrobatches: 4\nranks:\n"
+                 + "".join(f"  {s}: [{', '.join(t.split())}]\n" for s, t in one.items()))
+    c = tmp_path / "f.csv"
+    c.write_text("# steps: global\nrank,action\n"
+                 + "".join(f"{s},{a}\n" for s, t in one.items() for a in t.split()))
+    for path in (y, c):
+        spec = get_schedule(f"file:{path}")
+        assert spec.global_step and spec.weights.copies == 1
+        for s in range(2):
+            assert spec.actions(2, s, 4, 3, 2) == flush.actions(2, s, 4, 3, 2)
+        assert "8 micro-batches per window" in spec.problem(2, 8)
+        assert spec.problem(2, 4) is None
+
+
+@pytest.mark.parametrize("text, match", [
+    ("rank,action\n0,F1\n0,X2\n", r"f.csv:3: cannot read action 'X2'"),
+    ("rank,action\n0,F1,extra\n", r"f.csv:2: expected 'rank,action'"),
+    ("rank,action\n0,F1\n0,F2\n0,B1\n", "rank 0: F2 is never backwarded"),
+    ("rank,action\n0,F1\n0,S1\n0,B1\n", r"steps before B1"),
+    ("rank,action\n0,F1\n0,B1\n0,S1\n2,F1\n", r"ranks \[0, 2\] given, expected 0..1"),
+])
+def test_bad_schedule_files_name_the_file_and_the_row(tmp_path, text, match):
+    path = tmp_path / "f.csv"
+    path.write_text(text)
+    with pytest.raises(ScheduleFileError, match=match) as e:
+        load_schedule_file(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_missing_and_malformed_yaml_files(tmp_path):
+    with pytest.raises(ScheduleFileError, match="not found"):
+        get_schedule(f"file:{tmp_path / 'nope.yaml'}")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ranks: {0: [F1, B1, S1]}\nwindows: 3\n")
+    with pytest.raises(ScheduleFileError, match="unknown key.*windows"):
+        load_schedule_file(str(bad))
+    bad.write_text("ranks: [F1, B1]\n")
+    with pytest.raises(ScheduleFileError, match="'ranks' must map"):
+        load_schedule_file(str(bad))
