@@ -17,6 +17,7 @@ setup(
         "torch==2.13.0",
         "triton==3.7.1; platform_system == 'Linux'",
         "numpy",
+        "matplotlib",
         "pyyaml",
         "sentencepiece",
         "tqdm",

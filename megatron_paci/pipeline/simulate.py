@@ -231,64 +231,56 @@ def throughput(tl: Timeline, microbatches: int | None = None) -> float:
 # ---------------------------------------------------------------------------------------
 # Drawing
 # ---------------------------------------------------------------------------------------
-_STEP_INK = (25, 25, 25)
+def _boxes(tl: Timeline) -> list:
+    """The events as figure boxes; a model chunk is shown only when there are several."""
+    from megatron_paci.utils.figures import Box
+
+    # Read ``chunk`` only if actions carry one (interleaved schedules).
+    chunks = [getattr(a, "chunk", None) for _, a, _, _ in tl.events]
+    if len(set(chunks)) <= 1:
+        chunks = [None] * len(chunks)
+    return [Box(s, t0, t1, a.kind, a.index, c)
+            for (s, a, t0, t1), c in zip(tl.events, chunks, strict=True)]  # fmt: skip
 
 
-def _darker(c: Sequence[int], f: float = 0.55) -> tuple[int, int, int]:
-    return (int(c[0] * f), int(c[1] * f), int(c[2] * f))
-
-
-def _lighter(c: Sequence[int], f: float = 0.35) -> tuple[int, int, int]:
-    return tuple(int(v + (255 - v) * f) for v in c)  # type: ignore[return-value]
-
-
-def auto_width(tl: Timeline) -> int:
-    """Image width that gives the shortest F box room for a label such as "F12" (capped)."""
-    shortest = min((e - b for _, a, b, e in tl.events if a.kind == "F" and e > b), default=0)
-    if shortest <= 0 or tl.makespan <= 0:
-        return 1200
-    px = 38 * tl.makespan / shortest + 140
-    return int(min(max(px, 1200), 4000))
+def _xlabel(tl: Timeline) -> str:
+    return "time (forward = 1)" if _is_unit_forward(tl) else "time"
 
 
 def draw(tl: Timeline, path: str, title: str = "", width: int | None = None) -> int:
-    """Write the timeline PNG: one row per stage, F/B boxes coloured by micro-batch.
+    """Write the timeline PNG: one row per stage, F light, B dark, STEP a thin dark bar.
 
-    F(j) and B(j) share micro-batch j's colour (F lighter, B darker, and labelled), so a
-    micro-batch can be followed down and back up the pipe; STEPs are labelled markers.
-    Returns the image width used.
+    Each box is labelled with its micro-batch ("F3") where it fits, so a micro-batch can be
+    followed down and back up the pipe without relying on a colour cycle. ``width`` is in
+    pixels (default: as wide as the labels need, within a readable aspect ratio). Returns
+    the image width used.
     """
-    # Imported here so the simulator itself needs nothing beyond the standard library.
-    from megatron_paci.utils.canvas import PALETTE as pal
-    from megatron_paci.utils.plots import timeline_plot
+    # Imported here so the simulator itself does not import matplotlib.
+    from megatron_paci.utils.figures import save_figure, timeline_figure
 
-    boxes = []
-    markers = []
-    for s, a, t0, t1 in tl.events:
-        if a.kind == "STEP":
-            markers.append((s, t0, str(a)))
-            continue
-        base = pal[(a.index - 1) % len(pal)]
-        color = _lighter(base) if a.kind == "F" else _darker(base)
-        boxes.append((s, t0, t1, color, str(a)))
-    w = auto_width(tl) if width is None else width
-    legend = [
-        ("F forward (light)", _lighter(pal[0])),
-        ("B backward (dark)", _darker(pal[0])),
-        ("S step", _STEP_INK),
-    ]
-    timeline_plot(
-        path,
-        [f"stage {s}" for s in range(tl.stages)],
-        boxes,
-        markers,
-        title=title,
-        xlabel=("time (forward = 1)" if _is_unit_forward(tl) else "time")
-        + ";  colour = micro-batch j, the same for F(j) and B(j)",
-        width=w,
-        legend=legend,
-    )
-    return w
+    fig = timeline_figure(_boxes(tl), tl.stages, title, _xlabel(tl), width_px=width)
+    return save_figure(fig, path)[0]
+
+
+def draw_stacked(
+    timelines: Sequence[Timeline], path: str, titles: Sequence[str] | None = None
+) -> int:
+    """Write several timelines as stacked subplots on one time axis, to compare schedules.
+
+    Titles default to each schedule's name, layout and bubble fraction. Returns the width.
+    """
+    from megatron_paci.utils.figures import TimelinePanel, save_figure, stacked_timeline_figure
+
+    if titles is None:
+        titles = [f"{tl.schedule}  P={tl.stages} M={tl.window} windows={tl.num_windows}  "
+                  f"bubble {bubble_fraction(tl):.1%}" for tl in timelines]  # fmt: skip
+    if len(titles) != len(timelines):
+        raise ValueError(f"{len(titles)} titles for {len(timelines)} timelines")
+    panels = [TimelinePanel(_boxes(tl), tl.stages, t)
+              for tl, t in zip(timelines, titles, strict=True)]  # fmt: skip
+    unit = all(_is_unit_forward(tl) for tl in timelines)
+    fig = stacked_timeline_figure(panels, "time (forward = 1)" if unit else "time")
+    return save_figure(fig, path)[0]
 
 
 def _is_unit_forward(tl: Timeline) -> bool:

@@ -572,16 +572,14 @@ class Trainer:
               f"{mean_tail:.3f} (mean of the last {len(tail)} logged iterations)", flush=True)
 
     def plot_losses(self) -> str:
-        from megatron_paci.utils.plots import line_plot
+        from megatron_paci.utils.figures import loss_figure, save_figure
 
         rows = read_metrics(self.cfg.run.dir)
         train = [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
         val = [(r["iteration"], r["val_loss"]) for r in rows if "val_loss" in r]
-        series = {"train loss": ([x for x, _ in train], [y for _, y in train])}
-        if val:
-            series["validation loss"] = ([x for x, _ in val], [y for _, y in val])
         path = os.path.join(self.cfg.run.dir, "loss.png")
-        line_plot(path, series, title="language-model loss", xlabel="iteration",
-                  ylabel="loss")
+        save_figure(loss_figure(([x for x, _ in train], [y for _, y in train]),
+                                ([x for x, _ in val], [y for _, y in val]),
+                                title="language-model loss"), path)  # fmt: skip
         self._print(f"loss plot written to {path}")
         return path

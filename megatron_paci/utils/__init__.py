@@ -1,1 +1,1 @@
-"""Small dependency-free helpers (raster canvas, PNG plots) shared across the framework."""
+"""Helpers shared across the framework: matplotlib figures (loss curves, pipeline timelines)."""
