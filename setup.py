@@ -19,6 +19,7 @@ setup(
         "numpy",
         "pyyaml",
         "sentencepiece",
+        "tokenizers",
         "tqdm",
         "datasets",
         "wandb",
