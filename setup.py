@@ -20,6 +20,7 @@ setup(
         "matplotlib",
         "pyyaml",
         "sentencepiece",
+        "tokenizers",
         "tqdm",
         "datasets",
         "wandb",

@@ -1,5 +1,8 @@
 """Tokenize raw text into the indexed dataset format (OUT.bin + OUT.idx).
 
+Beside them goes OUT.tokenizer_info.json, naming the tokenizer (kind, files, vocab size, eod,
+sha256), so training refuses a data.tokenizer that would read the ids differently.
+
 One sequence per document, documents in input order, so the output does not depend on the
 number of workers. Reading is a generator and the worker pool is fed through a bounded window,
 so memory stays flat however big the input is.
@@ -7,6 +10,9 @@ so memory stays flat however big the input is.
 Example:
     python -m data_prep.preprocess --input data/corpus.jsonl \
         --tokenizer data/tok.model --output-prefix data/corpus --workers 4 --append-eod
+    python -m data_prep.preprocess --input data/corpus.jsonl \
+        --tokenizer gpt2-bpe:gpt2/vocab.json,gpt2/merges.txt --output-prefix data/corpus \
+        --append-eod
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from megatron_paci.data.indexed_dataset import (
     index_file_path,
 )
 from megatron_paci.data.tokenizer import build_tokenizer
+from megatron_paci.data.tokenizer_record import record_path, write_tokenizer_record
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 HF_PREFIX = "hf:"
@@ -270,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", required=True, help="input file, or hf:NAME[:CONFIG] / hf:DIR")
     p.add_argument("--tokenizer", required=True,
-                   help="sentencepiece .model file (data_prep.train_tokenizer) or null:N")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+                   help="a sentencepiece .model file; a Hugging Face tokenizer .json file; a "
+                   "directory with GPT-2's vocab.json + merges.txt, or gpt2-bpe:VOCAB,MERGES; "
+                   "or null:N (text is ids). The .json and GPT-2 forms may end in #eod=TOKEN")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.bin, PREFIX.idx and PREFIX.tokenizer_info.json")
     p.add_argument("--workers", type=int, default=available_cores(),
                    help="tokenizer processes; 1 runs in this process (default: all cores)")
     p.add_argument("--chunksize", type=int, default=64, help="documents per task sent to a worker")
@@ -323,7 +333,8 @@ def preprocess(args: argparse.Namespace) -> Stats:
         docs = iter_file_documents(args.input, args.json_key)
 
     bin_path, idx_path = data_file_path(args.output_prefix), index_file_path(args.output_prefix)
-    tmp_bin, tmp_idx = bin_path + ".tmp", idx_path + ".tmp"
+    rec_path = record_path(args.output_prefix)
+    tmp_bin, tmp_idx, tmp_rec = bin_path + ".tmp", idx_path + ".tmp", rec_path + ".tmp"
     stats = Stats()
     start = time.monotonic()
     progress = _Progress(total_bytes, total_docs, args.log_interval)
@@ -343,15 +354,17 @@ def preprocess(args: argparse.Namespace) -> Stats:
                 finally:
                     window.stop()
         builder.finalize(tmp_idx)
+        write_tokenizer_record(tmp_rec, tokenizer, args.tokenizer)
     except BaseException:
         progress.close()
-        for p in (tmp_bin, tmp_idx):
+        for p in (tmp_bin, tmp_idx, tmp_rec):
             if os.path.exists(p):
                 os.remove(p)
         raise
     progress.close()
     os.replace(tmp_bin, bin_path)
     os.replace(tmp_idx, idx_path)
+    os.replace(tmp_rec, rec_path)
     stats.seconds = time.monotonic() - start
     return stats
 
@@ -383,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"done: {stats.docs:,} documents ({stats.empty:,} empty skipped), {stats.tokens:,} tokens "
         f"in {stats.seconds:.1f} s ({rate:,.0f} tok/s)\n"
-        f"  {data_file_path(args.output_prefix)}\n  {index_file_path(args.output_prefix)}"
+        f"  {data_file_path(args.output_prefix)}\n  {index_file_path(args.output_prefix)}\n"
+        f"  {record_path(args.output_prefix)}"
     )
     return 0
 

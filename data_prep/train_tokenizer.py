@@ -1,13 +1,23 @@
-"""Train a sentencepiece BPE tokenizer (with byte fallback) on raw text.
+"""Train a tokenizer on raw text: sentencepiece BPE (the default) or GPT-2 style byte-level BPE.
 
-Writes PREFIX.model and PREFIX.vocab. Special ids are fixed so every model built here agrees
-with megatron_paci.data.tokenizer: unk=0, bos=1, eos=2 (used as end-of-document), no pad.
-Pieces 3..258 are the 256 byte-fallback pieces <0x00>..<0xFF>, so any text encodes without
-unk. Normalization is off (identity, extra whitespace kept), so decode(encode(s)) == s.
+``--type sentencepiece`` writes PREFIX.model and PREFIX.vocab. Special ids are fixed so every
+model built here agrees with megatron_paci.data.tokenizer: unk=0, bos=1, eos=2 (used as
+end-of-document), no pad. Pieces 3..258 are the 256 byte-fallback pieces <0x00>..<0xFF>, so
+any text encodes without unk. Normalization is off (identity, extra whitespace kept), so
+decode(encode(s)) == s.
 
-Example:
+``--type bpe`` trains a byte-level BPE with the ``tokenizers`` library (GPT-2's byte-level
+pre-tokenizer and decoder, ``<|endoftext|>`` as the only special token, id 0, used as
+end-of-document) and writes into the directory OUTPUT: ``tokenizer.json`` plus GPT-2's file
+pair ``vocab.json`` and ``merges.txt``. Any text round-trips without unknown tokens. Give
+``OUTPUT/tokenizer.json`` or ``OUTPUT`` (the GPT-2 pair) as the tokenizer to preprocess and
+training.
+
+Examples:
     python -m data_prep.train_tokenizer --input data/corpus.jsonl --vocab-size 8000 \
         --output data/tok
+    python -m data_prep.train_tokenizer --type bpe --input data/corpus.jsonl \
+        --vocab-size 8000 --output data/bpe
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from collections.abc import Iterable, Iterator
 from data_prep.preprocess import available_cores, iter_file_documents
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, -1
+BPE_EOD_TOKEN = "<|endoftext|>"
+BYTE_LEVEL_ALPHABET = 256
 MAX_SENTENCE_BYTES = 4192  # sentencepiece drops longer sentences; we split them instead
 
 
@@ -119,53 +131,123 @@ def train(
     }
 
 
+def iter_documents(paths: Iterable[str], json_key: str = "text",
+                   counter: list[int] | None = None) -> Iterator[str]:
+    """Whole documents of every input (newlines kept, so merges can span them)."""
+    for path in paths:
+        for text, _ in iter_file_documents(path, json_key):
+            if text.strip():
+                if counter is not None:
+                    counter[0] += 1
+                yield text
+
+
+def train_byte_level_bpe(
+    inputs: list[str],
+    vocab_size: int,
+    output: str,
+    *,
+    json_key: str = "text",
+    min_frequency: int = 2,
+    verbose: bool = False,
+) -> dict:
+    """Train a byte-level BPE; writes OUTPUT/tokenizer.json, vocab.json, merges.txt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input not found: {path}")
+    if vocab_size <= BYTE_LEVEL_ALPHABET + 1:
+        raise ValueError(
+            f"--vocab-size {vocab_size} is too small: <|endoftext|> + 256 byte symbols need "
+            f"{BYTE_LEVEL_ALPHABET + 1} ids, plus the merges of the corpus")
+    if os.path.isfile(output):
+        raise ValueError(f"--output {output} is a file; --type bpe writes into a directory")
+    os.makedirs(output, exist_ok=True)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[BPE_EOD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=verbose)
+    counter = [0]
+    start = time.monotonic()
+    tok.train_from_iterator(iter_documents(inputs, json_key, counter), trainer)
+    tokenizer_json = os.path.join(output, "tokenizer.json")
+    tok.save(tokenizer_json)
+    vocab_json, merges_txt = tok.model.save(output)
+    return {
+        "files": [tokenizer_json, vocab_json, merges_txt],
+        "vocab_size": tok.get_vocab_size(),
+        "read": f"{counter[0]:,} documents",
+        "seconds": time.monotonic() - start,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.train_tokenizer",
         description=(
-            "Train a sentencepiece BPE model with byte fallback. Inputs: JSON lines "
-            "(.jsonl/.json/.ndjson, text under --json-key) or plain text. Documents are fed "
-            "line by line. Ids: unk=0, bos=1, eos=2 (end of document), no pad."
+            "Train a tokenizer. Inputs: JSON lines (.jsonl/.json/.ndjson, text under "
+            "--json-key) or plain text (documents separated by blank lines). --type "
+            "sentencepiece (default): a sentencepiece BPE model with byte fallback, fed line "
+            "by line; ids unk=0, bos=1, eos=2 (end of document), no pad. --type bpe: a GPT-2 "
+            "style byte-level BPE (tokenizers library), fed whole documents; <|endoftext|>=0 "
+            "is the end of document."
         ),
     )
+    p.add_argument("--type", choices=("sentencepiece", "bpe"), default="sentencepiece",
+                   help="sentencepiece: OUTPUT.model (default); bpe: byte-level BPE files in "
+                   "the directory OUTPUT")
     p.add_argument("--input", nargs="+", required=True, help="one or more input files")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--output", required=True, help="writes OUTPUT.model and OUTPUT.vocab")
+    p.add_argument("--vocab-size", type=int, required=True,
+                   help="number of ids, special and byte pieces included")
+    p.add_argument("--output", required=True,
+                   help="sentencepiece: prefix, writes OUTPUT.model and OUTPUT.vocab; bpe: a "
+                   "directory, writes tokenizer.json, vocab.json and merges.txt in it")
     p.add_argument("--max-sentences", type=int, default=2_000_000,
-                   help="train on a shuffled sample of at most this many lines (0 = all)")
+                   help="sentencepiece only: train on a shuffled sample of at most this many "
+                   "lines (0 = all)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
-                   help="share of characters given their own piece; the rest use bytes")
-    p.add_argument("--json-key", default="text")
-    p.add_argument("--num-threads", type=int, default=None, help="default: available cores")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
+                   help="sentencepiece only: share of characters given their own piece; the "
+                   "rest use bytes")
+    p.add_argument("--min-frequency", type=int, default=2,
+                   help="bpe only: a pair must occur this often to be merged")
+    p.add_argument("--json-key", default="text", help="JSON key holding the text")
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="sentencepiece only: training threads (default: available cores)")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="sentencepiece only: seed of the sentence sample and shuffle")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the training library's own log / progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        info = train(
-            args.input,
-            args.vocab_size,
-            args.output,
-            max_sentences=args.max_sentences,
-            character_coverage=args.character_coverage,
-            json_key=args.json_key,
-            num_threads=args.num_threads,
-            seed=args.seed,
-            verbose=args.verbose,
-        )
+        if args.type == "bpe":
+            info = train_byte_level_bpe(args.input, args.vocab_size, args.output,
+                                        json_key=args.json_key,
+                                        min_frequency=args.min_frequency, verbose=args.verbose)
+        else:
+            info = train(args.input, args.vocab_size, args.output,
+                         max_sentences=args.max_sentences,
+                         character_coverage=args.character_coverage, json_key=args.json_key,
+                         num_threads=args.num_threads, seed=args.seed, verbose=args.verbose)
+            info.update(files=[info["model"], info["vocab"]],
+                        read=f"{info['sentences_read']:,} lines")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # sentencepiece reports bad settings this way
         print(f"error: sentencepiece training failed: {e}", file=sys.stderr)
         return 1
-    print(
-        f"trained BPE tokenizer: vocab {info['vocab_size']}, {info['sentences_read']:,} lines "
-        f"read, {info['seconds']:.1f} s\n  {info['model']}\n  {info['vocab']}"
-    )
+    kind = "byte-level BPE" if args.type == "bpe" else "sentencepiece BPE"
+    files = "".join(f"\n  {f}" for f in info["files"])
+    print(f"trained {kind} tokenizer: vocab {info['vocab_size']}, {info['read']} read, "
+          f"{info['seconds']:.1f} s{files}")
     return 0
 
 

@@ -36,7 +36,9 @@ class DataConfig:
     # Dataset prefixes (``PREFIX.bin``/``PREFIX.idx``), optionally weighted:
     # ``[0.7, a, 0.3, b]``.
     path: list[Any] = field(default_factory=list)
-    tokenizer: str = ""  # a sentencepiece .model path, or "null:N"
+    # A sentencepiece .model, a HF tokenizer .json, a GPT-2 vocab.json + merges.txt
+    # directory (or "gpt2-bpe:VOCAB,MERGES"), or "null:N"; see data/tokenizer.py.
+    tokenizer: str = ""
     split: str = "969,30,1"
     cache_dir: str | None = None
     num_workers: int = 0

@@ -30,6 +30,7 @@ from megatron_paci.config.schema import Config
 from megatron_paci.data.gpt_dataset import build_gpt_datasets
 from megatron_paci.data.sampler import build_pretraining_data_loader
 from megatron_paci.data.tokenizer import build_tokenizer
+from megatron_paci.data.tokenizer_record import check_dataset_tokenizers
 from megatron_paci.kernels.attention import attention_backend
 from megatron_paci.kernels.dispatch import select_kernels
 from megatron_paci.kernels.parity import Shapes, parity_check
@@ -122,7 +123,9 @@ class Trainer:
         if not cfg.data.path:
             raise ConfigError("data.path is empty: give one or more dataset prefixes")
         if not cfg.data.tokenizer:
-            raise ConfigError("data.tokenizer is empty: give a sentencepiece .model path")
+            raise ConfigError("data.tokenizer is empty: give a sentencepiece .model, a HF "
+                              "tokenizer .json, a GPT-2 vocab.json + merges.txt directory or "
+                              "null:N")
         self.device = resolve_device(cfg)
         self.autocast_dtype = resolve_precision(cfg, self.device)
         self.log_enabled = self.pstate.is_logging_rank
@@ -141,6 +144,10 @@ class Trainer:
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size,
                                              self.pstate.tensor_size)
         eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
+        unchecked = check_dataset_tokenizers(cfg.data.path, self.tokenizer, cfg.data.tokenizer)
+        if unchecked and self.log_enabled:
+            print(f"data: {', '.join(unchecked)}: no tokenizer record (not made by "
+                  "data_prep.preprocess); not checked against data.tokenizer", flush=True)
         self.train_ds, self.valid_ds, _ = build_gpt_datasets(
             cfg.data.path, cfg.data.split, cfg.model.seq_length, t.seed,
             (t.iters * t.global_batch_size, eval_samples, 0), cfg.data.cache_dir,

@@ -189,3 +189,100 @@ def test_build_corpus_fails_only_when_nothing_collected(tmp_path, monkeypatch, c
     monkeypatch.setattr(build_corpus, "bible_documents", broken)
     assert build_corpus.main(["--output", str(tmp_path), "--sources", "bible"]) != 0
     assert "simulated failure" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- byte-level BPE
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("bpe")
+    src = d / "train.txt"
+    src.write_text("\n\n".join(DOCS) + "\n")
+    assert train_tokenizer.main(
+        ["--type", "bpe", "--input", str(src), "--vocab-size", "400", "--output", str(d / "tok")]
+    ) == 0
+    return str(d / "tok")
+
+
+def _sha256_of_files(*paths: str) -> str:
+    import hashlib
+
+    inner = b"".join(hashlib.sha256(open(p, "rb").read()).digest() for p in paths)
+    return hashlib.sha256(inner).hexdigest()
+
+
+@pytest.mark.parametrize("form", ["dir", "tokenizer.json"])
+def test_bpe_dataset_loads_and_decodes_to_the_documents(tmp_path, bpe_dir, jsonl_input, form):
+    spec = bpe_dir if form == "dir" else os.path.join(bpe_dir, "tokenizer.json")
+    prefix = str(tmp_path / "bpe")
+    assert _run(jsonl_input, spec, prefix, "--append-eod", "--workers", "2",
+                "--chunksize", "2") == 0
+    assert sorted(os.listdir(tmp_path)) == ["bpe.bin", "bpe.idx", "bpe.tokenizer_info.json"]
+    eod = json.load(open(os.path.join(bpe_dir, "vocab.json"), encoding="utf-8"))["<|endoftext|>"]
+    ds = IndexedDataset(prefix)
+    assert ds.dtype == np.uint16 and len(ds) == len(DOCS)
+    tok = build_tokenizer(spec)
+    for i, doc in enumerate(DOCS):
+        ids = ds[i].tolist()
+        assert ids[-1] == eod and eod not in ids[:-1]
+        assert tok.detokenize(ids[:-1]) == doc, f"document {i}"
+
+    record = json.load(open(prefix + ".tokenizer_info.json", encoding="utf-8"))
+    files = ([os.path.join(bpe_dir, "vocab.json"), os.path.join(bpe_dir, "merges.txt")]
+             if form == "dir" else [spec])
+    assert record["kind"] == ("gpt2-bpe" if form == "dir" else "hf-tokenizer-json")
+    assert (record["vocab_size"], record["eod"], record["spec"]) == (400, eod, spec)
+    assert record["files"] == files
+    assert record["sha256"] == _sha256_of_files(*files)
+
+
+def test_tokenizer_record_check(tmp_path, bpe_dir, model, jsonl_input):
+    from megatron_paci.data.indexed_dataset import IndexedDatasetBuilder
+    from megatron_paci.data.tokenizer_record import check_dataset_tokenizers
+
+    prefix = str(tmp_path / "bpe")
+    assert _run(jsonl_input, bpe_dir, prefix, "--workers", "1") == 0
+    assert check_dataset_tokenizers([prefix], build_tokenizer(bpe_dir), bpe_dir) == []
+
+    with pytest.raises(ValueError) as e:
+        check_dataset_tokenizers([prefix], build_tokenizer(model), model)
+    msg = str(e.value)
+    for needle in (f"dataset {prefix} ", prefix + ".tokenizer_info.json",
+                   os.path.join(bpe_dir, "vocab.json"), f"data.tokenizer={model}",
+                   "vocab 400", "eod 0", "eod 2", "differ in kind, eod, sha256"):
+        assert needle in msg, (needle, msg)
+
+    # same kind and size, other files: a retrained tokenizer is refused by its fingerprint
+    other = tmp_path / "other"
+    src = tmp_path / "other.txt"
+    src.write_text("\n\n".join(reversed(DOCS)) + "\nextra words for other merges\n")
+    assert train_tokenizer.main(["--type", "bpe", "--input", str(src), "--vocab-size", "400",
+                                 "--output", str(other)]) == 0
+    with pytest.raises(ValueError, match="differ in sha256"):
+        check_dataset_tokenizers([prefix], build_tokenizer(str(other)), str(other))
+
+    # a dataset without a record (as Megatron writes them) is returned unchecked
+    bare = str(tmp_path / "megatron_made")
+    builder = IndexedDatasetBuilder(bare + ".bin", np.uint16)
+    builder.add_document([1, 2, 3])
+    builder.finalize(bare + ".idx")
+    got = check_dataset_tokenizers([0.5, prefix, 0.5, bare], build_tokenizer(bpe_dir), bpe_dir)
+    assert got == [bare]
+
+    with open(prefix + ".tokenizer_info.json", "w") as f:
+        f.write("{broken")
+    with pytest.raises(ValueError, match="tokenizer record .*bpe.tokenizer_info.json"):
+        check_dataset_tokenizers([prefix], build_tokenizer(bpe_dir), bpe_dir)
+
+
+def test_null_tokenizer_record_checks_the_vocabulary(tmp_path):
+    from megatron_paci.data.tokenizer_record import check_dataset_tokenizers
+
+    path = tmp_path / "ids.txt"
+    path.write_text("1 2 3\n\n4 5\n")
+    assert _run(str(path), "null:1000", str(tmp_path / "n"), "--workers", "1") == 0
+    prefix = str(tmp_path / "n")
+    assert check_dataset_tokenizers([prefix], build_tokenizer("null:1000"), "null:1000") == []
+    with pytest.raises(ValueError, match="vocab 1000, eod 999.*vocab 1024, eod 1023"):
+        check_dataset_tokenizers([prefix], build_tokenizer("null:1024"), "null:1024")
