@@ -74,8 +74,8 @@ class StageSpec:
         return [i for first, last in self.chunk_ranges for i in range(first, last)]
 
     def describe(self) -> str:
-        """``4-7`` or, for several chunks, ``2-3, 6-7``."""
-        return ", ".join(f"{a}-{b - 1}" for a, b in self.chunk_ranges)
+        """``4-7`` or, for several chunks, ``2-3, 6-7`` (``5`` for a one-layer range)."""
+        return ", ".join(f"{a}" if b - 1 == a else f"{a}-{b - 1}" for a, b in self.chunk_ranges)
 
 
 class Embedding(nn.Module):

@@ -42,6 +42,7 @@ class ScheduleSpec:
     weights: WeightRule = LIVE
     # Most model chunks (virtual stages) per rank it can run; None for any number.
     max_chunks: int | None = 1
+    chunks_note: str = ""  # why not more chunks, for the error
     requires: RequireFn | None = None
     summary: str = ""
 
@@ -59,7 +60,7 @@ class ScheduleSpec:
         if self.max_chunks is not None and chunks > self.max_chunks:
             return (f"pipeline.schedule={self.name} ({self.title}) runs at most "
                     f"{self.max_chunks} model chunk(s) per rank; parallel.virtual_pipeline="
-                    f"{chunks}")
+                    f"{chunks}" + (f": {self.chunks_note}" if self.chunks_note else ""))
         if self.stashes_weights and distributed_optimizer:
             return (f"pipeline.schedule={self.name} does not support "
                     "optim.distributed_optimizer=true (its weight stash needs whole parameters)")

@@ -67,9 +67,9 @@ def _two_bw_requires(stages: int, window: int, chunks: int) -> str | None:
     return None
 
 
-_ASYNC_CHUNKS = ("each model chunk would have to step after its own window of local "
-                 "backwards, with an optimizer step per chunk; that is derived in "
-                 "docs/schedules/virtual_stages.md but not implemented")
+_ASYNC_CHUNKS = ("without a flush each model chunk must step after its own window of local "
+                 "backwards, an optimizer step per chunk; derived in "
+                 "docs/schedules/virtual_stages.md, not implemented yet")
 
 FLUSH = register(ScheduleSpec(
     name="1f1b_flush", title="1F1B-flush", build=_flush, global_step=True,
@@ -79,10 +79,11 @@ FLUSH = register(ScheduleSpec(
 PIPEDREAM_2BW = register(ScheduleSpec(
     name="pipedream_2bw", title="PipeDream-2BW", build=_no_flush, global_step=False,
     tied_embeddings_across_stages=False, weights=TWO_VERSIONS, requires=_two_bw_requires,
+    chunks_note=_ASYNC_CHUNKS,
     summary="no flush, two weight versions, one-step delayed gradients"))
 PACI = register(ScheduleSpec(
     name="paci", title="PACI", build=_no_flush, global_step=False,
-    tied_embeddings_across_stages=False,
+    tied_embeddings_across_stages=False, chunks_note=_ASYNC_CHUNKS,
     summary="no flush, one weight copy; each stage steps after its own window"))
 
 SCHEDULES = schedule_names()

@@ -235,12 +235,9 @@ def _boxes(tl: Timeline) -> list:
     """The events as figure boxes; a model chunk is shown only when there are several."""
     from megatron_paci.utils.figures import Box
 
-    # Read ``chunk`` only if actions carry one (interleaved schedules).
-    chunks = [getattr(a, "chunk", None) for _, a, _, _ in tl.events]
-    if len(set(chunks)) <= 1:
-        chunks = [None] * len(chunks)
-    return [Box(s, t0, t1, a.kind, a.index, c)
-            for (s, a, t0, t1), c in zip(tl.events, chunks, strict=True)]  # fmt: skip
+    several = tl.chunks > 1
+    return [Box(s, t0, t1, a.kind, a.index, a.chunk if several else None)
+            for s, a, t0, t1 in tl.events]
 
 
 def _xlabel(tl: Timeline) -> str:
@@ -272,8 +269,9 @@ def draw_stacked(
     from megatron_paci.utils.figures import TimelinePanel, save_figure, stacked_timeline_figure
 
     if titles is None:
-        titles = [f"{tl.schedule}  P={tl.stages} M={tl.window} windows={tl.num_windows}  "
-                  f"bubble {bubble_fraction(tl):.1%}" for tl in timelines]  # fmt: skip
+        titles = [f"{tl.schedule}{f' interleaved v={tl.chunks}' if tl.chunks > 1 else ''}  "
+                  f"P={tl.stages} M={tl.window} windows={tl.num_windows}  "
+                  f"bubble {bubble_fraction(tl):.1%}" for tl in timelines]
     if len(titles) != len(timelines):
         raise ValueError(f"{len(titles)} titles for {len(timelines)} timelines")
     panels = [TimelinePanel(_boxes(tl), tl.stages, t)

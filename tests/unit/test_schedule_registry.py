@@ -206,3 +206,22 @@ def test_missing_and_malformed_yaml_files(tmp_path):
     bad.write_text("ranks: [F1, B1]\n")
     with pytest.raises(ScheduleFileError, match="'ranks' must map"):
         load_schedule_file(str(bad))
+
+
+def test_same_chunk_backwards_in_flight():
+    """docs/schedules/virtual_stages.md's table: the most backwards of chunk c between
+    F(j, c) and B(j, c) in Megatron's interleaved order, which sets PACI's bound there."""
+    from megatron_paci.pipeline.orders import interleaved_one_f_one_b
+
+    want = {(2, 2): [[3, 1], [2, 0]], (2, 3): [[3, 2, 1], [3, 1, 0]],
+            (4, 2): [[7, 3], [7, 3], [6, 2], [4, 0]],
+            (4, 3): [[7, 6, 3], [7, 4, 3], [7, 3, 2], [7, 3, 0]]}
+    for (p, v), rows in want.items():
+        n = 8 * p
+        for s in range(p):
+            acts = interleaved_one_f_one_b(p, s, v, n)
+            at = {(a.kind, a.chunk, a.index): i for i, a in enumerate(acts)}
+            got = [max(sum(1 for a in acts[at["F", c, j]:at["B", c, j]]
+                           if a.kind == "B" and a.chunk == c) for j in range(1, n + 1))
+                   for c in range(v)]
+            assert got == rows[s], (p, v, s, got)
