@@ -252,6 +252,8 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch", "apex"))
+    _choice("checkpoint.untied_head", cfg.checkpoint.untied_head,
+            ("refuse", "use_embedding", "use_head"))
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
     if o.lr_warmup_iters < 0 or o.clip_grad < 0:

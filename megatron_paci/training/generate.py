@@ -46,15 +46,16 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
     into one process (DCP reshards); the vocabulary keeps the padding it was
     trained with, and a head the schedule untied stays untied.
     """
+    import dataclasses
     import os
 
     import yaml
 
     from megatron_paci.checkpoint.format import latest_checkpoint, load_checkpoint, read_meta
+    from megatron_paci.checkpoint.parts import saved_head_is_tied
     from megatron_paci.config import config_from_dict
     from megatron_paci.data.tokenizer import build_tokenizer
-    from megatron_paci.pipeline.registry import get_schedule
-    from megatron_paci.training.trainer import resolve_vocab_size
+    from megatron_paci.training.vocab import resolve_vocab_size
 
     path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     if path is None:
@@ -65,8 +66,8 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
     layout = meta.get("layout", {})
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = resolve_vocab_size(cfg, tokenizer.vocab_size, layout.get("tensor", 1))
-    model_cfg = get_schedule(meta.get("schedule", cfg.pipeline.schedule)).stage_model_config(
-        cfg.model, layout.get("pipeline", 1))
+    # The head the checkpoint trained: tied, or untied (a schedule untied it).
+    model_cfg = dataclasses.replace(cfg.model, tie_embeddings=saved_head_is_tied(path, meta))
     model = GPTModel(model_cfg, vocab, seed=cfg.train.seed)
     load_checkpoint(path, {"model": model.state_dict()})
     return model, tokenizer, path

@@ -13,18 +13,18 @@ import os
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_paci.checkpoint.format import (
-    latest_checkpoint,
-    load_checkpoint,
-    read_meta,
-    save_checkpoint,
+from megatron_paci.checkpoint.format import latest_checkpoint
+from megatron_paci.checkpoint.parts import (
+    ModelPart,
+    OptimizerPart,
+    RngPart,
+    TrainingCheckpoint,
+    saved_head_is_tied,
 )
-from megatron_paci.checkpoint.sharding import as_global
 from megatron_paci.config.loader import ConfigError, format_config, to_yaml
 from megatron_paci.config.schema import Config
 from megatron_paci.data.gpt_dataset import build_gpt_datasets
@@ -34,7 +34,7 @@ from megatron_paci.data.tokenizer_record import check_dataset_tokenizers
 from megatron_paci.kernels.attention import attention_backend
 from megatron_paci.kernels.dispatch import select_kernels
 from megatron_paci.kernels.parity import Shapes, parity_check
-from megatron_paci.model.gpt import GPTModel, StageSpec, count_parameters, padded_vocab_size
+from megatron_paci.model.gpt import GPTModel, StageSpec, count_parameters
 from megatron_paci.model.transformer import LayerContext
 from megatron_paci.optim.lr_schedule import LRSchedule
 from megatron_paci.optim.optimizer import Optimizer
@@ -51,21 +51,12 @@ from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
+from megatron_paci.training.vocab import resolve_vocab_size
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _clone_target(t: Any) -> Any:
-    """A load target with its own storage (DTensor-aware)."""
-    if hasattr(t, "to_local"):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(t.to_local().clone(), t.device_mesh, t.placements,
-                                  run_check=False, shape=t.shape, stride=t.stride())
-    return t.clone()
 
 
 @dataclass
@@ -92,20 +83,6 @@ def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
     if cfg.train.precision == "auto" and device.type == "cuda":
         return torch.bfloat16
     return None
-
-
-def resolve_vocab_size(cfg: Config, tokenizer_vocab: int, tensor_parallel: int) -> int:
-    """Padded model vocabulary; refuses a tokenizer that does not fit the model."""
-    if cfg.model.vocab_size is not None and tokenizer_vocab > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {cfg.data.tokenizer} has {tokenizer_vocab} tokens, more than "
-            f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size or retrain "
-            "the tokenizer with a smaller vocabulary"
-        )
-    return padded_vocab_size(
-        cfg.model.vocab_size or tokenizer_vocab, cfg.model.make_vocab_size_divisible_by,
-        tensor_parallel,
-    )
 
 
 class Trainer:
@@ -238,39 +215,41 @@ class Trainer:
         state.update({f"tracker.{k}": v for k, v in self.rng_tracker.get_states().items()})
         return state
 
-    def _checkpoint_tensors(self, create_optimizer_state: bool) -> dict[str, Any]:
-        """Tensors keyed by parameter name; tp shards described as global DTensors."""
-        dims = {n: getattr(p, "tensor_parallel_dim", None)
-                for n, p in self.model.named_parameters()}
-        model = {n: as_global(t, dims.get(n), self.pstate)
-                 for n, t in self.model.state_dict().items()}
-        optim = {}
-        for key, t in self.optimizer.state_by_name(create=create_optimizer_state).items():
-            name = key.rsplit(".", 1)[0]
-            optim[key] = as_global(t, dims.get(name) if t.ndim else None, self.pstate)
-        tensors = {"model": model, "optimizer": optim,
-                   f"rng_rank{self.pstate.rank}": self._rng_state()}
-        if self.schedule.stashes_weights:
-            stash = self.policy.state_tensors() or {
-                n: p.detach() for n, p in self.model.named_parameters()}
-            tensors["pipeline_stash"] = {n: as_global(t, dims.get(n), self.pstate)
-                                         for n, t in stash.items()}
-        return tensors
+    def _restore_rng(self, rng: dict[str, torch.Tensor]) -> None:
+        restore_rng(rng)
+        self.rng_tracker.set_states({k.removeprefix("tracker."): v for k, v in rng.items()
+                                     if k.startswith("tracker.")})
+
+    def _rederive_rng(self, iteration: int) -> None:
+        """A fresh state per rank from the seed, its ranks and the iteration: what a
+        resume at another layout gets (a saved state belongs to a rank of the old one)."""
+        seed = self.cfg.train.seed + 1_000_003 * iteration
+        seed_everything(seed)
+        tracker = model_parallel_seed(seed, self.pstate.tensor_rank, self.pstate.pipeline_rank)
+        self.rng_tracker.set_states(tracker.get_states())
+
+    def _checkpoint(self) -> TrainingCheckpoint:
+        """This trainer's parts, as the checkpoint saves and loads them."""
+        ps = self.pstate
+        model = ModelPart(self.model, ps)
+        return TrainingCheckpoint(
+            model=model, optimizer=OptimizerPart(self.optimizer, model, ps),
+            rng=RngPart(ps.rank, self._rng_state, self._restore_rng, self._rederive_rng),
+            policy=self.policy, stashes=self.schedule.stashes_weights,
+            json_state=lambda: {
+                "consumed_samples": self.progress.consumed_samples,
+                "skipped_iters": self.progress.skipped_iters,
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "schedule": self.cfg.pipeline.schedule},
+            layout={"world": ps.world_size, "tensor": ps.tensor_size,
+                    "pipeline": ps.pipeline_size, "data": ps.data_size,
+                    "virtual_pipeline": self.chunks},
+            model_tied=self.model.cfg.tie_embeddings,
+            head_choice=self.cfg.checkpoint.untied_head, log=self._print)
 
     def save(self) -> str:
-        tensors = self._checkpoint_tensors(create_optimizer_state=False)
-        ps = self.pstate
-        meta = {
-            "consumed_samples": self.progress.consumed_samples,
-            "skipped_iters": self.progress.skipped_iters,
-            "lr_schedule": self.lr_schedule.state_dict(),
-            "schedule": self.cfg.pipeline.schedule,
-            "pipeline_stash": self.schedule.stashes_weights,
-            "layout": {"world": ps.world_size, "tensor": ps.tensor_size,
-                       "pipeline": ps.pipeline_size, "data": ps.data_size},
-        }
-        path = save_checkpoint(self.ckpt_root, self.progress.iteration, tensors, meta,
-                               to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+        path = self._checkpoint().save(self.ckpt_root, self.progress.iteration,
+                                       to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
         self._print(f"saved checkpoint at iteration {self.progress.iteration} to {path}")
         return path
 
@@ -278,39 +257,10 @@ class Trainer:
         path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.load else None
         if path is None:
             return False
-        # Current tensors (and RNG states) serve as correctly shaped targets to load into.
-        tensors = self._checkpoint_tensors(create_optimizer_state=True)
-        has_stash = read_meta(path).get("pipeline_stash", False)
-        if "pipeline_stash" in tensors and not has_stash:
-            self._print(f"{path} holds no older weight version (written by another schedule); "
-                        "PipeDream-2BW starts its stash from the loaded weights")
-            # Clones: the stash targets must not alias the live parameters.
-            del tensors["pipeline_stash"]
-        elif "pipeline_stash" in tensors:
-            tensors["pipeline_stash"] = {k: _clone_target(v)
-                                         for k, v in tensors["pipeline_stash"].items()}
-        meta = load_checkpoint(path, tensors)
-        self.optimizer.load_state_by_name(
-            {k: v.to_local() if hasattr(v, "to_local") else v
-             for k, v in tensors["optimizer"].items()})
+        meta = self._checkpoint().load(path, saved_head_is_tied(path))
         self.progress = Progress(meta["iteration"], meta["consumed_samples"],
                                  meta.get("skipped_iters", 0))
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
-        # Versions count every STEP, skipped or not: one per iteration.
-        self.policy.reset(self.progress.iteration)
-        if "pipeline_stash" in tensors:
-            self.policy.load_state_tensors(
-                {k: v.to_local() if hasattr(v, "to_local") else v
-                 for k, v in tensors["pipeline_stash"].items()})
-        elif self.schedule.stashes_weights and self.progress.iteration > 0:
-            # From another schedule's checkpoint: the older version starts equal to
-            # the loaded weights.
-            self.policy.load_state_tensors(
-                {n: p.detach().clone() for n, p in self.model.named_parameters()})
-        rng = tensors[f"rng_rank{self.pstate.rank}"]
-        restore_rng(rng)
-        self.rng_tracker.set_states({k.removeprefix("tracker."): v for k, v in rng.items()
-                                     if k.startswith("tracker.")})
         self._truncate_metrics(self.progress.iteration)
         self._print(f"resumed from {path} at iteration {self.progress.iteration}, "
                     f"{self.progress.consumed_samples} samples consumed")
