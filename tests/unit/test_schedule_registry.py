@@ -225,3 +225,29 @@ def test_same_chunk_backwards_in_flight():
                            if a.kind == "B" and a.chunk == c) for j in range(1, n + 1))
                    for c in range(v)]
             assert got == rows[s], (p, v, s, got)
+
+
+def test_layout_check_refuses_bad_virtual_pipelines_before_process_groups():
+    from megatron_paci.config import load_config
+    from megatron_paci.parallel.state import ParallelConfigError
+    from megatron_paci.pipeline.partition import chunk_layers
+    from megatron_paci.training.layout import validate_layout
+
+    assert chunk_layers(8, 2, 2) == [[(0, 2), (4, 6)], [(2, 4), (6, 8)]]
+
+    def refused(*overrides):
+        cfg = load_config(None, ["parallel.pipeline=2", "model.num_layers=4",
+                                 "train.micro_batch_size=1", "train.global_batch_size=4",
+                                 "train.device=cpu", *overrides])
+        with pytest.raises(ParallelConfigError) as e:
+            validate_layout(cfg, 2)
+        return str(e.value)
+
+    assert "not divisible by parallel.pipeline x parallel.virtual_pipeline = 2 x 3 = 6" in \
+        refused("parallel.virtual_pipeline=3")
+    assert "multiple of parallel.pipeline=2" in refused("parallel.virtual_pipeline=2",
+                                                        "train.global_batch_size=3")
+    assert "virtual_stages.md" in refused("parallel.virtual_pipeline=2",
+                                          "pipeline.schedule=paci")
+    assert "would deadlock on NCCL" in refused("parallel.virtual_pipeline=2",
+                                               "train.device=cuda")
