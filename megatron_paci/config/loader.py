@@ -8,6 +8,7 @@ the most common way a long job goes wrong.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import types
 import typing
@@ -117,7 +118,11 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         (elem,) = typing.get_args(inner) or (Any,)
         if isinstance(value, str):
             text = value.strip()
-            value = yaml.safe_load(text) if text.startswith("[") else [text]
+            try:
+                value = yaml.safe_load(text) if text.startswith("[") else [text]
+            except yaml.YAMLError:
+                raise ConfigError(f"config key '{key}': cannot read the list {text!r}; write "
+                                  "it as [a,b,c]") from None
         if not isinstance(value, list):
             value = [value]
         if elem is Any:
@@ -254,6 +259,16 @@ def validate(cfg: Config) -> None:
     _choice("kernels.backend", cfg.kernels.backend, ("auto", "triton", "torch", "apex"))
     _choice("checkpoint.untied_head", cfg.checkpoint.untied_head,
             ("refuse", "use_embedding", "use_head"))
+    if not math.isfinite(o.lr) or o.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be a finite number > 0, got {o.lr}")
+    for key in ("optim.min_lr", "optim.weight_decay", "optim.clip_grad"):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name, 0.0)
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {v}")
+    if m.make_vocab_size_divisible_by < 1:
+        raise ConfigError("config key 'model.make_vocab_size_divisible_by' must be >= 1, got "
+                          f"{m.make_vocab_size_divisible_by}")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
     if o.lr_warmup_iters < 0 or o.clip_grad < 0:

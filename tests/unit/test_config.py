@@ -117,3 +117,19 @@ def test_print_command(capsys):
     assert printed["model"]["num_layers"] == 3
     assert printed["logging"]["interval"] == 1  # tiny logs every iteration
     assert config_main(["optim.nope=1"]) == 2
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=inf", "'optim.lr' must be a finite number > 0, got inf"),
+    ("optim.lr=nan", "'optim.lr' must be a finite number > 0, got nan"),
+    ("optim.lr=0", "'optim.lr' must be a finite number > 0"),
+    ("optim.lr=-1e-3", "'optim.lr' must be a finite number > 0"),
+    ("optim.clip_grad=nan", "'optim.clip_grad' must be a finite number >= 0"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay' must be a finite number >= 0"),
+    ("model.make_vocab_size_divisible_by=0", "'model.make_vocab_size_divisible_by' must be"),
+    ("data.path=[x", "'data.path': cannot read the list '[x'"),
+])
+def test_numbers_and_lists_that_cannot_train_are_refused_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
