@@ -536,8 +536,12 @@ class Trainer:
                           "val_ppl": math.exp(min(loss, 20.0))})
 
     def finish(self) -> None:
+        """End of training. Work that runs collectives (the timeline gather, the
+        tensor-parallel sample) runs on every rank it involves before the logging
+        rank's own files and prints, so no rank waits on a peer already at exit."""
         if self.cfg.pipeline.timeline:
             self._draw_measured_timeline()
+        text = self._sample() if self.cfg.train.sample_tokens > 0 else None
         self.metrics.close()
         if not self.log_enabled:
             return
@@ -548,15 +552,24 @@ class Trainer:
             self._print("sample: the model is split over pipeline stages; sample from the "
                         "checkpoint with python -m megatron_paci.training.generate "
                         f"--run-dir {self.cfg.run.dir}")
-        elif self.cfg.train.sample_tokens > 0:
-            prompt = self.cfg.train.sample_prompt
-            ids = self.tokenizer.tokenize(prompt) if prompt else [self.tokenizer.eod]
-            out = sample(self.model, ids, self.cfg.train.sample_tokens,
-                         vocab_limit=self.tokenizer.vocab_size, seed=self.cfg.train.seed)
-            # Decode prompt and continuation together: sentencepiece drops a leading
-            # space when a piece list is decoded on its own.
-            text = self.tokenizer.detokenize(out if prompt else out[1:])
-            print(f"\n----- sample (prompt: {prompt!r}) -----\n{text}\n-----", flush=True)
+        elif text is not None:
+            print(f"\n----- sample (prompt: {self.cfg.train.sample_prompt!r}) -----\n{text}"
+                  "\n-----", flush=True)
+
+    def _sample(self) -> str | None:
+        """The end-of-training sample, drawn by every rank of the logging rank's tp
+        group (its forward all-reduces over tp; same ids and seed, same result).
+        None on other ranks and when the model is split over pipeline stages."""
+        ps = self.pstate
+        if ps.pipeline_size > 1 or ps.data_rank != 0:
+            return None
+        prompt = self.cfg.train.sample_prompt
+        ids = self.tokenizer.tokenize(prompt) if prompt else [self.tokenizer.eod]
+        out = sample(self.model, ids, self.cfg.train.sample_tokens,
+                     vocab_limit=self.tokenizer.vocab_size, seed=self.cfg.train.seed)
+        # Decode prompt and continuation together: sentencepiece drops a leading
+        # space when a piece list is decoded on its own.
+        return self.tokenizer.detokenize(out if prompt else out[1:])
 
     def _print_loss_summary(self) -> None:
         rows = [r for r in read_metrics(self.cfg.run.dir) if "loss" in r]
