@@ -465,16 +465,15 @@ class Trainer:
 
         if not self.log_enabled:
             return
-        if ps.pipeline_size > 1:
+        row = {"iteration": self.progress.iteration, "peak_rss_mb": col(4, 1),
+               "action_ms": {"F": col(5, 3), "B": col(6, 3), "S": col(7, 3)}}
+        if ps.pipeline_size > 1:  # drift, in-flight, versions and bubble: pipelines only
             self._print(f"pipeline {self.traits.title}: max updates crossed per stage "
                         f"{col(0)}, peak in-flight micro-batches {col(1)}, peak weight "
                         f"versions {col(2)}, measured bubble {col(3, 3)}")
-        self.metrics.log({
-            "iteration": self.progress.iteration, "max_drift": col(0),
-            "peak_in_flight": col(1), "peak_weight_versions": col(2),
-            "bubble_per_stage": col(3, 4), "peak_rss_mb": col(4, 1),
-            "action_ms": {"F": col(5, 3), "B": col(6, 3), "S": col(7, 3)},
-        })
+            row.update({"max_drift": col(0), "peak_in_flight": col(1),
+                        "peak_weight_versions": col(2), "bubble_per_stage": col(3, 4)})
+        self.metrics.log(row)
 
     def _draw_measured_timeline(self) -> None:
         """Every stage's recorded action times, drawn on the logging rank."""
@@ -517,10 +516,11 @@ class Trainer:
             # Per GPU (per process), as Megatron reports it.
             "tflops": tokens_per_s * self.flops_per_token / 1e12 / self.pstate.world_size,
             "grad_norm": window[-1][1],
-            "bubble_fraction": self.executor.measured_bubble(),
             "skipped_iters": p.skipped_iters,
             "global_batch_size": self.cfg.train.global_batch_size,
         }
+        if self.pstate.pipeline_size > 1:
+            row["bubble_fraction"] = self.executor.measured_bubble()
         if self.peak_tflops:
             row["mfu"] = row["tflops"] / self.peak_tflops
         for kind in ("tp", "dp", "pp"):
