@@ -129,15 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--input", nargs="+", required=True, help="one or more input files")
-    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--vocab-size", type=int, required=True,
+                   help="pieces in the vocabulary, special ids included (e.g. 4096)")
     p.add_argument("--output", required=True, help="writes OUTPUT.model and OUTPUT.vocab")
     p.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="train on a shuffled sample of at most this many lines (0 = all)")
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of characters given their own piece; the rest use bytes")
-    p.add_argument("--json-key", default="text")
+    p.add_argument("--json-key", default="text",
+                   help="key holding the text in JSON-lines input (default text)")
     p.add_argument("--num-threads", type=int, default=None, help="default: available cores")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234,
+                   help="seed of the line sample taken with --max-sentences (default 1234)")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's own log")
     return p
 
