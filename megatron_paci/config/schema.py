@@ -122,6 +122,7 @@ class LoggingConfig:
     wandb_project: str = "megatron_paci"
     tensorboard: bool = False
     plot: bool = True  # loss curve PNG in the run directory at the end
+    verbose: bool = False  # full log line: TFLOP/s, batch size, bytes sent, bubble
 
 
 @dataclass

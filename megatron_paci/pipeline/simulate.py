@@ -349,15 +349,20 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_OUTPUT = "simulate_out"
+
+
 def _png_path(output: str | None, name: str, stages: int, window: int, several: bool,
               chunks: int = 1) -> str:
+    """``output`` is a folder (default ``simulate_out/``) that gets one named PNG per
+    schedule, or a path ending in .png (schedule name added for 'all')."""
     tag = f"{name}_v{chunks}" if chunks > 1 else name
-    if output is None:
-        return f"timeline_{tag}_P{stages}_M{window}.png"
+    if output is None or not output.lower().endswith(".png"):
+        return os.path.join(output or DEFAULT_OUTPUT, f"timeline_{tag}_P{stages}_M{window}.png")
     if not several:
         return output
     root, ext = os.path.splitext(output)
-    return f"{root}_{tag}{ext or '.png'}"
+    return f"{root}_{tag}{ext}"
 
 
 def _runs(schedule: str, virtual: int | None) -> list[tuple[str, int]]:
@@ -386,11 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--virtual", type=int, default=None,
                    help="model chunks per rank (interleaving; 'all' adds v=2 by default); "
                         "action costs are split evenly over the chunks")
-    p.add_argument("--forward", type=float, default=1.0)
-    p.add_argument("--backward", type=float, default=2.0)
-    p.add_argument("--step", type=float, default=0.0)
-    p.add_argument("--p2p", type=float, default=0.0)
-    p.add_argument("--output", default=None, help="PNG path (schedule name added for 'all')")
+    p.add_argument("--forward", type=float, default=1.0,
+                   help="time of one forward F on a stage (default 1.0)")
+    p.add_argument("--backward", type=float, default=2.0,
+                   help="time of one backward B on a stage (default 2.0)")
+    p.add_argument("--step", type=float, default=0.0,
+                   help="time of one optimizer STEP on a stage (default 0.0)")
+    p.add_argument("--p2p", type=float, default=0.0,
+                   help="time for activations or gradients to reach the next stage (default 0.0)")
+    p.add_argument("--output", default=None, metavar="DIR",
+                   help=f"folder for the timeline PNGs (default {DEFAULT_OUTPUT}/), or a path "
+                   "ending in .png (schedule name added for 'all')")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     args = p.parse_args(argv)
 
@@ -432,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"P={tl.stages} M={tl.window} windows={tl.num_windows}  "
                 f"bubble {row['bubble']:.1%}"
             )
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             draw(tl, path, title)
             print(f"wrote {path}")
     return 0

@@ -1,10 +1,17 @@
-"""Text sampling from a whole (single-stage) model, to eyeball what training learned."""
+"""Text sampling from a single-stage model, to eyeball what training learned.
+
+The model may be tensor-parallel: then every rank of its tp group calls ``sample``
+with the same prompt and seed (the forward runs collectives over that group), and
+all of them return the same ids.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from megatron_paci.model.gpt import GPTModel
+from megatron_paci.parallel import comm
+from megatron_paci.tensor_parallel.mappings import gather_from_tensor_parallel_region
 
 
 @torch.no_grad()
@@ -22,11 +29,19 @@ def sample(
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = list(prompt_ids)
+    tp = model.tp
+    # Sequence parallelism splits the context over the tp ranks: pad it on the right
+    # (causal attention keeps the real positions blind to the padding).
+    multiple = tp.size if tp.sequence_parallel else 1
     window = model.cfg.max_position_embeddings or model.cfg.seq_length
+    window -= window % multiple
+    ids = list(prompt_ids)
     for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-window:]], device=device)
-        logits = model(tokens=context)[0, -1].float().cpu()
+        context = ids[-window:]
+        n = len(context)
+        context = context + [context[-1]] * (-n % multiple)
+        logits = model(tokens=torch.tensor([context], device=device))[0, n - 1]
+        logits = gather_from_tensor_parallel_region(logits, tp.group).float().cpu()
         if vocab_limit is not None:
             logits[vocab_limit:] = float("-inf")
         logits = logits / max(temperature, 1e-5)
@@ -34,13 +49,51 @@ def sample(
             kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
             logits[logits < kth] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
-        ids.append(int(torch.multinomial(probs, 1, generator=gen)))
+        choice = torch.multinomial(probs, 1, generator=gen).to(device)
+        if tp.size > 1:
+            # Every tp rank drew from the same logits with the same generator; taking
+            # tp rank 0's draw everywhere keeps them in step even if a reduction
+            # differed in the last bit.
+            choice = choice * int(tp.rank == 0)
+            comm.all_reduce(choice, tp.group, "tp")
+        ids.append(int(choice))
     model.train(was_training)
     return ids
 
 
-def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
-    """The newest checkpoint of ``run_dir`` as one whole model, whatever layout wrote it.
+def find_checkpoint(run_dir: str | None, checkpoint: str | None = None) -> str:
+    """The checkpoint directory to sample from: ``checkpoint`` is an iteration number
+    (looked up under ``run_dir/checkpoints``), a checkpoint directory, or None for
+    the newest one of ``run_dir``. Raises FileNotFoundError naming what exists."""
+    import os
+
+    from megatron_paci.checkpoint.format import META_FILE, list_checkpoints
+
+    if checkpoint is not None and not checkpoint.isdigit():
+        if not os.path.isfile(os.path.join(checkpoint, META_FILE)):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no {META_FILE} there; give "
+                                    "a checkpoint directory (iter_NNNNNNN) or an iteration")
+        return checkpoint
+    if run_dir is None:
+        raise FileNotFoundError("give --run-dir (or --checkpoint with a checkpoint directory)")
+    root = os.path.join(run_dir, "checkpoints")
+    found = list_checkpoints(root)
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint under {root}")
+    if checkpoint is None:
+        return found[-1][1]
+    for iteration, path in found:
+        if iteration == int(checkpoint):
+            return path
+    have = ", ".join(str(i) for i, _ in found)
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint at that "
+                            f"iteration under {root}; available iterations: {have}")
+
+
+def load_for_generation(run_dir: str | None, checkpoint: str | None = None
+                        ) -> tuple[GPTModel, object, str]:
+    """A checkpoint of ``run_dir`` (see ``find_checkpoint``) as one whole model,
+    whatever layout wrote it.
 
     Parameter names are global, so a pipeline- or tensor-parallel checkpoint loads
     into one process (DCP reshards); the vocabulary keeps the padding it was
@@ -51,15 +104,13 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
 
     import yaml
 
-    from megatron_paci.checkpoint.format import latest_checkpoint, load_checkpoint, read_meta
+    from megatron_paci.checkpoint.format import load_checkpoint, read_meta
     from megatron_paci.checkpoint.parts import saved_head_is_tied
     from megatron_paci.config import config_from_dict
     from megatron_paci.data.tokenizer import build_tokenizer
     from megatron_paci.training.vocab import resolve_vocab_size
 
-    path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if path is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir}/checkpoints")
+    path = find_checkpoint(run_dir, checkpoint)
     meta = read_meta(path)
     with open(os.path.join(path, "config.yaml")) as f:
         cfg = config_from_dict(yaml.safe_load(f))
@@ -78,21 +129,33 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m megatron_paci.training.generate",
-                                description="Sample text from a run's newest checkpoint.")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--prompt", default="")
-    p.add_argument("--tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    from megatron_paci.checkpoint.format import CheckpointError
+
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_paci.training.generate",
+        description="Sample text from a run's checkpoint (any tp/pp layout loads into one "
+        "process).")
+    p.add_argument("--run-dir", help="the run directory (run.dir) whose checkpoints/ to read")
+    p.add_argument("--checkpoint", metavar="ITER_OR_DIR",
+                   help="an iteration number under RUN_DIR/checkpoints, or a checkpoint "
+                   "directory (then --run-dir is not needed); default: the newest")
+    p.add_argument("--prompt", default="",
+                   help="text to continue (default: start from the end-of-document token)")
+    p.add_argument("--tokens", type=int, default=48, help="tokens to generate (default 48)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="softmax temperature; lower is more conservative (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40,
+                   help="sample among the K most likely tokens; 0 = all (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     args = p.parse_args(argv)
     try:
-        model, tokenizer, path = load_for_generation(args.run_dir)
-    except (FileNotFoundError, ValueError) as e:
+        if args.tokens < 0:
+            raise ValueError(f"--tokens must be >= 0, got {args.tokens}")
+        model, tokenizer, path = load_for_generation(args.run_dir, args.checkpoint)
+        ids = tokenizer.tokenize(args.prompt) if args.prompt else [tokenizer.eod]
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ids = tokenizer.tokenize(args.prompt) if args.prompt else [tokenizer.eod]
     out = sample(model, ids, args.tokens, args.temperature, args.top_k,
                  vocab_limit=tokenizer.vocab_size, seed=args.seed)
     text = tokenizer.detokenize(out if args.prompt else out[1:])

@@ -17,20 +17,38 @@ from megatron_paci.config.loader import ConfigError
 from megatron_paci.config.schema import Config
 
 
-def format_log_line(row: dict[str, Any], total_iters: int) -> str:
-    """One line in the shape Megatron users grep for."""
+def format_log_line(row: dict[str, Any], total_iters: int, verbose: bool = False) -> str:
+    """One line in the shape Megatron users grep for: the fields of Megatron's line
+    (plus MFU where it is known); ``verbose`` adds TFLOP/s, the batch size, the bytes
+    sent per collective kind and, in pipelined runs, the logging rank's bubble.
+    Everything is in ``metrics.jsonl`` either way."""
+    mfu = [f"MFU: {100 * row['mfu']:.1f}%"] if "mfu" in row else []
+    if not verbose:
+        parts = [
+            f" iteration {row['iteration']:8d}/{total_iters:8d}",
+            f"consumed samples: {row['consumed_samples']:12d}",
+            f"elapsed time per iteration (ms): {row['ms_per_iter']:.1f}",
+            f"learning rate: {row['lr']:.3E}",
+            f"lm loss: {row['loss']:.6E}",
+            f"grad norm: {row['grad_norm']:.3f}",
+            f"number of skipped iterations: {row['skipped_iters']:3d}",
+            f"tokens/s: {row['tokens_per_s']:.0f}",
+            *mfu,
+        ]
+        return " | ".join(parts) + " |"
     parts = [
         f" iteration {row['iteration']:8d}/{total_iters:8d}",
         f"consumed samples: {row['consumed_samples']:12d}",
         f"elapsed time per iteration (ms): {row['ms_per_iter']:.1f}",
         f"throughput (tokens/s): {row['tokens_per_s']:.0f}",
         f"TFLOP/s/GPU: {row['tflops']:.3f}",
-        *([f"MFU: {100 * row['mfu']:.1f}%"] if "mfu" in row else []),
+        *mfu,
         f"learning rate: {row['lr']:.6E}",
         f"global batch size: {row['global_batch_size']:5d}",
         f"lm loss: {row['loss']:.6E}",
         f"grad norm: {row['grad_norm']:.3f}",
         f"number of skipped iterations: {row['skipped_iters']:3d}",
+        *([f"bubble: {row['bubble_fraction']:.3f}"] if "bubble_fraction" in row else []),
     ]
     sent = [(k, row.get(f"comm_bytes_{k}", 0)) for k in ("tp", "dp", "pp")]
     if any(v for _, v in sent):
@@ -48,9 +66,17 @@ def format_eval_line(iteration: int, loss: float) -> str:
 class MetricsWriter:
     def __init__(self, cfg: Config, enabled: bool):
         self.enabled = enabled
+        self.verbose = cfg.logging.verbose
         self.path = os.path.join(cfg.run.dir, "metrics.jsonl")
         self._wandb = None
         self._tb = None
+        # Checked on every rank, not only the one that logs: a missing package then
+        # stops every rank with the same error line, before any collective.
+        if cfg.logging.wandb:
+            _require("wandb", "logging.wandb=true", "pip install wandb")
+        if cfg.logging.tensorboard:
+            _require("torch.utils.tensorboard", "logging.tensorboard=true",
+                     "pip install -e .[tensorboard]")
         if not enabled:
             return
         os.makedirs(cfg.run.dir, exist_ok=True)
@@ -66,7 +92,7 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if total_iters is not None:
-            print(format_log_line(row, total_iters), flush=True)
+            print(format_log_line(row, total_iters, self.verbose), flush=True)
         step = row["iteration"]
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "iteration"}
         if self._wandb is not None:
@@ -82,13 +108,21 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _start_wandb(cfg: Config):
+def _require(module: str, setting: str, install: str) -> None:
+    """Raise ConfigError naming the setting and the install command if ``module``
+    does not import."""
+    import importlib
+
     try:
-        import wandb
+        importlib.import_module(module)
     except ImportError:
-        raise ConfigError(
-            "logging.wandb=true but wandb is not installed (pip install wandb)"
-        ) from None
+        name = module.rsplit(".", 1)[-1]
+        raise ConfigError(f"{setting} but {name} is not installed ({install})") from None
+
+
+def _start_wandb(cfg: Config):
+    import wandb
+
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     if mode == "offline":
         print("wandb: no WANDB_API_KEY set, logging offline to", cfg.run.dir, file=sys.stderr)
@@ -103,12 +137,8 @@ def _start_wandb(cfg: Config):
 
 
 def _start_tensorboard(cfg: Config):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "logging.tensorboard=true but tensorboard is not installed (pip install tensorboard)"
-        ) from None
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=os.path.join(cfg.run.dir, "tensorboard"))
 
 

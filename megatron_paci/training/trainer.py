@@ -425,16 +425,15 @@ class Trainer:
 
         if not self.log_enabled:
             return
-        if ps.pipeline_size > 1:
+        row = {"iteration": self.progress.iteration, "peak_rss_mb": col(4, 1),
+               "action_ms": {"F": col(5, 3), "B": col(6, 3), "S": col(7, 3)}}
+        if ps.pipeline_size > 1:  # drift, in-flight, versions and bubble: pipelines only
             self._print(f"pipeline {self.schedule.title}: max updates crossed per stage "
                         f"{col(0)}, peak in-flight micro-batches {col(1)}, peak weight "
                         f"versions {col(2)}, measured bubble {col(3, 3)}")
-        self.metrics.log({
-            "iteration": self.progress.iteration, "max_drift": col(0),
-            "peak_in_flight": col(1), "peak_weight_versions": col(2),
-            "bubble_per_stage": col(3, 4), "peak_rss_mb": col(4, 1),
-            "action_ms": {"F": col(5, 3), "B": col(6, 3), "S": col(7, 3)},
-        })
+            row.update({"max_drift": col(0), "peak_in_flight": col(1),
+                        "peak_weight_versions": col(2), "bubble_per_stage": col(3, 4)})
+        self.metrics.log(row)
 
     def _draw_measured_timeline(self) -> None:
         """Every stage's recorded action times, drawn on the logging rank."""
@@ -478,10 +477,11 @@ class Trainer:
             # Per GPU (per process), as Megatron reports it.
             "tflops": tokens_per_s * self.flops_per_token / 1e12 / self.pstate.world_size,
             "grad_norm": window[-1][1],
-            "bubble_fraction": self.executor.measured_bubble(),
             "skipped_iters": p.skipped_iters,
             "global_batch_size": self.cfg.train.global_batch_size,
         }
+        if self.pstate.pipeline_size > 1:
+            row["bubble_fraction"] = self.executor.measured_bubble()
         if self.peak_tflops:
             row["mfu"] = row["tflops"] / self.peak_tflops
         for kind in ("tp", "dp", "pp"):
@@ -497,8 +497,12 @@ class Trainer:
                           "val_ppl": math.exp(min(loss, 20.0))})
 
     def finish(self) -> None:
+        """End of training. Work that runs collectives (the timeline gather, the
+        tensor-parallel sample) runs on every rank it involves before the logging
+        rank's own files and prints, so no rank waits on a peer already at exit."""
         if self.cfg.pipeline.timeline:
             self._draw_measured_timeline()
+        text = self._sample() if self.cfg.train.sample_tokens > 0 else None
         self.metrics.close()
         if not self.log_enabled:
             return
@@ -509,15 +513,24 @@ class Trainer:
             self._print("sample: the model is split over pipeline stages; sample from the "
                         "checkpoint with python -m megatron_paci.training.generate "
                         f"--run-dir {self.cfg.run.dir}")
-        elif self.cfg.train.sample_tokens > 0:
-            prompt = self.cfg.train.sample_prompt
-            ids = self.tokenizer.tokenize(prompt) if prompt else [self.tokenizer.eod]
-            out = sample(self.model, ids, self.cfg.train.sample_tokens,
-                         vocab_limit=self.tokenizer.vocab_size, seed=self.cfg.train.seed)
-            # Decode prompt and continuation together: sentencepiece drops a leading
-            # space when a piece list is decoded on its own.
-            text = self.tokenizer.detokenize(out if prompt else out[1:])
-            print(f"\n----- sample (prompt: {prompt!r}) -----\n{text}\n-----", flush=True)
+        elif text is not None:
+            print(f"\n----- sample (prompt: {self.cfg.train.sample_prompt!r}) -----\n{text}"
+                  "\n-----", flush=True)
+
+    def _sample(self) -> str | None:
+        """The end-of-training sample, drawn by every rank of the logging rank's tp
+        group (its forward all-reduces over tp; same ids and seed, same result).
+        None on other ranks and when the model is split over pipeline stages."""
+        ps = self.pstate
+        if ps.pipeline_size > 1 or ps.data_rank != 0:
+            return None
+        prompt = self.cfg.train.sample_prompt
+        ids = self.tokenizer.tokenize(prompt) if prompt else [self.tokenizer.eod]
+        out = sample(self.model, ids, self.cfg.train.sample_tokens,
+                     vocab_limit=self.tokenizer.vocab_size, seed=self.cfg.train.seed)
+        # Decode prompt and continuation together: sentencepiece drops a leading
+        # space when a piece list is decoded on its own.
+        return self.tokenizer.detokenize(out if prompt else out[1:])
 
     def _print_loss_summary(self) -> None:
         rows = [r for r in read_metrics(self.cfg.run.dir) if "loss" in r]

@@ -1,6 +1,7 @@
 """A small real-text dataset built once per session through the data_prep CLIs."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,6 +21,57 @@ def run_cli(args, cwd=ROOT, timeout=300, env=None):
     env = full
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _descendants(pid):
+    """Every live process below ``pid`` (read from /proc; torchrun's workers leave
+    its process group, so killing the group alone would orphan them)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc):
+    """SIGTERM first (torchrun then stops its workers), SIGKILL what is left."""
+    tree = _descendants(proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [proc.pid, *tree]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def run_shell(command, cwd=ROOT, timeout=300, env=None):
+    """Run a shell command line as a user types it; on timeout every process it
+    started (torchrun's workers included) is killed and TimeoutExpired raised."""
+    full = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=ROOT, **(env or {}))
+    proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=full, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        out, err = proc.communicate(timeout=30)
+        raise subprocess.TimeoutExpired(command, timeout, out, err) from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="session")

@@ -89,4 +89,25 @@ def test_tensorboard_requested_but_missing(text_dataset, tmp_path):
         pass
     prefix, tok = text_dataset
     launch_fails([*tiny_overrides(prefix, tok, tmp_path), "logging.tensorboard=true"],
-                 tmp_path, "logging.tensorboard=true", "pip install tensorboard")
+                 tmp_path, "logging.tensorboard=true", "pip install -e .[tensorboard]")
+
+
+def test_tensorboard_missing_stops_every_rank_of_a_pipeline(text_dataset, tmp_path):
+    """With 2 stages the logging rank is rank 1, which does not print bad-input
+    errors; every rank checks the package, so rank 0 names it and no stage is left
+    waiting on a peer that quit."""
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    prefix, tok = text_dataset
+    r = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "pretrain_gpt.py", *tiny_overrides(prefix, tok, tmp_path),
+                 "parallel.pipeline=2", "logging.tensorboard=true"], timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: logging.tensorboard=true but tensorboard is not installed "
+                      "(pip install -e .[tensorboard])"], r.stderr[-2000:]
+    assert "iteration " not in r.stdout

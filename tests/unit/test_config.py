@@ -115,7 +115,7 @@ def test_print_command(capsys):
 
     printed = yaml.safe_load(out)
     assert printed["model"]["num_layers"] == 3
-    assert printed["logging"]["interval"] == 1  # tiny logs every iteration
+    assert printed["logging"]["interval"] == 10  # inherited from base.yaml
     assert config_main(["optim.nope=1"]) == 2
 
 

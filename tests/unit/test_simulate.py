@@ -224,8 +224,10 @@ def test_cli_writes_png_and_prints_bubble(tmp_path, monkeypatch, capsys) -> None
     monkeypatch.chdir(tmp_path)
     assert main(["--schedule", "paci", "--stages", "8", "--microbatches", "8"]) == 0
     out = capsys.readouterr().out
-    png = tmp_path / "timeline_paci_P8_M8.png"
+    png = tmp_path / "simulate_out" / "timeline_paci_P8_M8.png"  # never the cwd itself
     assert png.exists() and mpimg.imread(png).ndim == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["simulate_out"]
+    assert "wrote simulate_out/timeline_paci_P8_M8.png" in out
     # 4 windows by default: N = 32, bubble = 7/39
     assert f"{7 / 39:.3f}" in out and "paci" in out
 
@@ -240,6 +242,16 @@ def test_cli_all_compares_three(tmp_path, capsys) -> None:
         assert (tmp_path / f"cmp_{name}.png").exists()
     assert f"{3 / 7:.3f}" in out  # flush
     assert f"{3 / 15:.3f}" in out  # 2BW and PACI
+
+
+def test_cli_output_folder(tmp_path, capsys) -> None:
+    folder = tmp_path / "plots"  # created on demand
+    assert main(["--schedule", "all", "--windows", "2", "--output", str(folder)]) == 0
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"timeline_{n}_P4_M4.png" for n in SCHEDULES)
+    for name in names:
+        assert f"wrote {folder / name}" in out
 
 
 @pytest.mark.parametrize(
