@@ -446,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             draw(tl, path, title)
             print(f"wrote {path}")
+        if len(timelines) > 1:
+            # One figure that stacks them on a shared time axis, for comparison.
+            path = _png_path(args.output, "all", args.stages, args.microbatches, True)
+            draw_stacked(timelines, path)
+            print(f"wrote {path}")
     return 0
 
 

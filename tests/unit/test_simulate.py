@@ -200,23 +200,16 @@ def test_draw_boxes_are_the_simulated_events(tmp_path, monkeypatch) -> None:
 
 
 def test_draw_shows_chunks_only_when_several(tmp_path, monkeypatch) -> None:
-    """Actions that carry a model chunk (interleaved schedules) get it in their label."""
-    from dataclasses import dataclass
-
+    """An interleaved timeline (several chunks per rank) labels each box with its chunk."""
+    from megatron_paci.pipeline.actions import F
     from megatron_paci.pipeline.simulate import Timeline
     from megatron_paci.utils import figures
 
-    @dataclass(frozen=True)
-    class ChunkAction:
-        kind: str
-        index: int
-        chunk: int
-
     drawn = []
     monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.append(fig) or (1, 1))
-    for chunks, labels in [((0, 1), ["F1c0", "F1c1"]), ((0, 0), ["F1", "F1"])]:
-        events = [(0, ChunkAction("F", 1, c), float(i), i + 1.0) for i, c in enumerate(chunks)]
-        draw(Timeline("x", 1, 1, 1, events), str(tmp_path / "c.png"))
+    for chunks, labels in [(2, ["F1c0", "F1c1"]), (1, ["F1", "F1"])]:
+        events = [(0, F(1, c % chunks), float(c), c + 1.0) for c in range(2)]
+        draw(Timeline("x", 1, 1, 1, events, chunks), str(tmp_path / "c.png"))
         assert [p.get_gid() for p in drawn[-1].axes[0].patches if p.get_gid()] == labels
 
 
@@ -249,7 +242,9 @@ def test_cli_output_folder(tmp_path, capsys) -> None:
     assert main(["--schedule", "all", "--windows", "2", "--output", str(folder)]) == 0
     out = capsys.readouterr().out
     names = sorted(p.name for p in folder.iterdir())
-    assert names == sorted(f"timeline_{n}_P4_M4.png" for n in SCHEDULES)
+    want = [f"timeline_{n}_P4_M4.png" for n in SCHEDULES]
+    want += ["timeline_1f1b_flush_v2_P4_M4.png", "timeline_all_P4_M4.png"]  # + the stack
+    assert names == sorted(want)
     for name in names:
         assert f"wrote {folder / name}" in out
 
