@@ -39,8 +39,10 @@ def sample(
     return ids
 
 
-def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
-    """The newest checkpoint of ``run_dir`` as one whole model, whatever layout wrote it.
+def load_for_generation(run_dir: str, checkpoint: str | None = None
+                        ) -> tuple[GPTModel, object, str]:
+    """The newest checkpoint of ``run_dir`` (or the ``checkpoint`` directory given) as
+    one whole model, whatever layout wrote it.
 
     Parameter names are global, so a pipeline- or tensor-parallel checkpoint loads
     into one process (DCP reshards); the vocabulary keeps the padding it was
@@ -56,7 +58,7 @@ def load_for_generation(run_dir: str) -> tuple[GPTModel, object, str]:
     from megatron_paci.pipeline.registry import get_schedule
     from megatron_paci.training.trainer import resolve_vocab_size
 
-    path = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    path = checkpoint or latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir}/checkpoints")
     meta = read_meta(path)
