@@ -26,7 +26,7 @@ setup(
         "wandb",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff"],
-        "interop": ["transformers"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "safetensors"],
+        "interop": ["transformers", "safetensors"],
     },
 )

@@ -187,7 +187,9 @@ def import_model(model_dir: str, output: str, overrides: list[str],
         lines.append(f"note: embd_pdrop={hf['embd_pdrop']} differs from resid_pdrop; "
                      f"model.dropout={m.dropout} applies to both here")
     lines.append(f"train on with: python pretrain_gpt.py --config "
-                 f"{os.path.join(output, 'config.yaml')} data.path=[PREFIX] ...")
+                 f"{os.path.join(output, 'config.yaml')}"
+                 + ("" if cfg.data.path else " data.path=[PREFIX]")
+                 + ("" if cfg.data.tokenizer else " data.tokenizer=..."))
     return lines
 
 

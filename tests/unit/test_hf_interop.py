@@ -215,3 +215,39 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, change
     assert import_hf.main(["--model", str(src), "--output", str(run), *args]) == 2
     assert needle in one_error_line(capsys)
     assert not run.exists()
+
+
+def test_import_refuses_missing_weights_and_a_too_large_tokenizer(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    hf_model(vocab=200).save_pretrained(src)
+    bpe_tokenizer(src, vocab_size=260)  # more tokens than the model's 200
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert import_hf.main(["--model", str(src), "--output", str(run)]) == 2
+    assert "has 260 tokens, more than the model's vocab_size 200" in one_error_line(capsys)
+    weights = load_file(src / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.bias"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    assert import_hf.main(["--model", str(src), "--output", str(run),
+                           "data.tokenizer=null:200"]) == 2
+    assert "have no transformer.h.1.mlp.c_fc.bias" in one_error_line(capsys)
+    assert not run.exists()
+
+
+def test_import_reads_pytorch_bin_weights(tmp_path):
+    src = tmp_path / "src"
+    original = hf_model()
+    original.save_pretrained(src)
+    from safetensors.torch import load_file
+
+    weights = load_file(src / "model.safetensors")
+    os.remove(src / "model.safetensors")
+    torch.save(weights, src / "pytorch_model.bin")
+    run = tmp_path / "run"
+    assert import_hf.main(["--model", str(src), "--output", str(run),
+                           "data.tokenizer=null:320"]) == 0
+    net, _, _ = load_for_generation(str(run))
+    fc2 = original.transformer.h[1].mlp.c_proj.weight  # Conv1D: [in, out]
+    assert torch.equal(net.layers["1"].mlp.fc2.weight, fc2.t())
