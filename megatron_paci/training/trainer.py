@@ -36,6 +36,7 @@ from megatron_paci.kernels.dispatch import select_kernels
 from megatron_paci.kernels.parity import Shapes, parity_check
 from megatron_paci.model.gpt import GPTModel, StageSpec, count_parameters
 from megatron_paci.model.transformer import LayerContext
+from megatron_paci.model.vocab import resolve_vocab_size
 from megatron_paci.optim.lr_schedule import LRSchedule
 from megatron_paci.optim.optimizer import Optimizer
 from megatron_paci.parallel import comm
@@ -51,7 +52,6 @@ from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
-from megatron_paci.training.vocab import resolve_vocab_size
 
 
 def peak_rss_mb() -> float:
