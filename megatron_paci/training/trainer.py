@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_paci.checkpoint.format import (
-    latest_checkpoint,
     load_checkpoint,
     read_meta,
+    resolve_loadable,
     save_checkpoint,
+    wait_for_pending_save,
 )
 from megatron_paci.checkpoint.sharding import as_global
 from megatron_paci.config.loader import ConfigError, format_config, to_yaml
@@ -270,12 +271,13 @@ class Trainer:
                        "pipeline": ps.pipeline_size, "data": ps.data_size},
         }
         path = save_checkpoint(self.ckpt_root, self.progress.iteration, tensors, meta,
-                               to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last)
+                               to_yaml(self.cfg), keep_last=self.cfg.checkpoint.keep_last,
+                               async_save=self.cfg.checkpoint.async_save)
         self._print(f"saved checkpoint at iteration {self.progress.iteration} to {path}")
         return path
 
     def maybe_resume(self) -> bool:
-        path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.load else None
+        path = resolve_loadable(self.ckpt_root) if self.cfg.checkpoint.load else None
         if path is None:
             return False
         # Current tensors (and RNG states) serve as correctly shaped targets to load into.
@@ -431,6 +433,7 @@ class Trainer:
             if exit_now and p.iteration < t.iters:
                 self._print(f"exiting at iteration {p.iteration} (train.exit_interval)")
                 break
+        wait_for_pending_save()  # an asynchronous save is complete before the run ends
         self.finish()
         return self.progress
 
