@@ -84,7 +84,7 @@ def tensor_rows(path: str) -> list[tuple[str, str, str]]:
     rows = []
     for name, md in read_dcp_metadata(path).state_dict_metadata.items():
         if hasattr(md, "size"):
-            rows.append((name, "(" + ", ".join(str(n) for n in md.size) + ")",
+            rows.append((name, str(list(md.size)),
                          str(md.properties.dtype).removeprefix("torch.")))
         else:
             rows.append((name, "-", "bytes"))
