@@ -1,109 +1,112 @@
-"""One checkpoint format for every layout: ``torch.distributed.checkpoint`` + a JSON sidecar.
+"""One checkpoint format for every layout: ``torch.distributed.checkpoint`` + JSON sidecars.
 
 Layout under ``run.dir/checkpoints/``::
 
     iter_0000100/            one complete checkpoint
         .metadata            DCP index (read with a restricted unpickler)
         __<rank>_0.distcp    tensors, written by each rank
-        meta.json            iteration, consumed samples, LR schedule, RNG scalars
+        meta.json            iteration, consumed samples, LR schedule, layout, schedule
         config.yaml          the resolved config of the run that wrote it
+        manifest.json        size and CRC-32 of every file above, written last
     latest_checkpointed_iteration.txt
 
 Tensors are keyed by parameter name, so any rank layout can load what any other
 wrote (DCP reshards). A checkpoint is written under ``iter_N.partial`` and renamed
 only when complete, so a crash mid-save never hides or corrupts the newest good
-one. Nothing is unpickled that could run code: tensor state only travels through
-DCP, everything else through JSON, and DCP's own metadata is read with an
-allow-list unpickler.
+one; at load the manifest is checked first, so a damaged file is an error that
+names it, and ``resolve_loadable`` falls back to the previous checkpoint, with a
+warning, instead of training on wrong weights. Nothing is unpickled that could
+run code: tensor state only travels through DCP, everything else through JSON,
+and DCP's own metadata is read with an allow-list unpickler.
+
+Collectives: with a process group, ``save_checkpoint``, ``wait_for_pending_save``,
+``verify_checkpoint``, ``resolve_loadable``, ``load_checkpoint`` and ``load_latest``
+must be called by every rank at the same point (as ``dcp.save``/``dcp.load`` must).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
-import pickle
 import re
 import shutil
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
+from megatron_paci.checkpoint.integrity import (
+    DCP_METADATA_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    META_FILE,
+    CheckpointError,
+    MetadataUnpickler,
+    checksum_problems,
+    digests,
+    rank_shard_files,
+    read_meta_file,
+    structural_problems,
+    write_manifest,
+)
+
+__all__ = [
+    "FORMAT_VERSION", "LATEST_FILE", "META_FILE", "CheckpointError", "checkpoint_dir",
+    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_latest", "read_meta",
+    "resolve_loadable", "save_checkpoint", "verify_checkpoint", "wait_for_pending_save",
+]
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "config.yaml"
 _DIR_RE = re.compile(r"^iter_(\d{7,})$")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not fit the model being loaded."""
+Warn = Callable[[str], None]
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isfile(
-        os.path.join(path, ".metadata")
-    )
-
-
-def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under ``root``, oldest first."""
+def _iteration_dirs(root: str) -> list[tuple[int, str]]:
+    """Every ``iter_N`` directory (complete or damaged), oldest first."""
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
         m = _DIR_RE.match(name)
-        path = os.path.join(root, name)
-        if m and _is_complete(path):
-            found.append((int(m.group(1)), path))
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(found)
 
 
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isfile(
+        os.path.join(path, DCP_METADATA_FILE)
+    )
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under ``root``, oldest first (files present; not verified)."""
+    return [(it, path) for it, path in _iteration_dirs(root) if _is_complete(path)]
+
+
 def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint, unverified; ``resolve_loadable`` verifies."""
     found = list_checkpoints(root)
     return found[-1][1] if found else None
 
 
 # --- safe reading of DCP metadata -------------------------------------------
-
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("pathlib._local", "PosixPath"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        obj = super().find_class(module, name)
-        if (module, name) in _ALLOWED_GLOBALS or isinstance(obj, (torch.dtype, torch.layout,
-                                                                   torch.memory_format)):
-            return obj
-        # DCP's own metadata records: classes (dataclasses, enums) of its package.
-        if module.startswith("torch.distributed.checkpoint") and isinstance(obj, type):
-            return obj
-        raise CheckpointError(
-            f"refusing to unpickle {module}.{name} from checkpoint metadata "
-            "(only DCP metadata types are allowed)"
-        )
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -113,7 +116,7 @@ class SafeFileSystemReader(FileSystemReader):
         rank = kwargs.get("rank")
         path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            metadata = MetadataUnpickler(f).load()
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -132,16 +135,74 @@ class _TensorOnlyLoadPlanner(DefaultLoadPlanner):
         )
 
 
-# --- save / load ---------------------------------------------------------------
+# --- process group ---------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _distributed() else 1
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (small Python values only)."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _stderr_warning(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _warn(on_warning: Warn | None, msg: str) -> None:
+    if _rank() == 0:
+        (on_warning or _stderr_warning)(msg)
+
+
+_ASYNC_GROUP: Any = None
+
+
+def _async_group() -> Any:
+    """A gloo group of its own for DCP's background thread: its collectives must not
+    interleave with the training loop's on the default group."""
+    global _ASYNC_GROUP
+    if _distributed() and _ASYNC_GROUP is None:
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
+
+
+# --- save --------------------------------------------------------------------------
+
+
+@dataclass
+class _PendingSave:
+    root: str
+    iteration: int
+    partial: str
+    final: str
+    meta: dict[str, Any]
+    config_yaml: str
+    keep_last: int
+    shard_digests: Future  # this rank's {file: {size, crc32}}, once DCP has written them
+    distributed: bool
+
+
+_PENDING: _PendingSave | None = None
+_HASHER: ThreadPoolExecutor | None = None
 
 
 def save_checkpoint(
@@ -151,8 +212,17 @@ def save_checkpoint(
     meta: dict[str, Any],
     config_yaml: str,
     keep_last: int = 0,
+    *,
+    async_save: bool = False,
 ) -> str:
-    """Write ``tensors`` (nested dicts of tensors) and ``meta`` (JSON) atomically."""
+    """Write ``tensors`` (nested dicts of tensors) and ``meta`` (JSON) atomically.
+
+    With ``async_save`` the call returns once the tensors are copied to host
+    memory; DCP writes them in a background thread, and the manifest, rename and
+    ``keep_last`` rotation happen in ``wait_for_pending_save`` (called by the next
+    save, or by the caller before exit). Returns the final path either way.
+    """
+    wait_for_pending_save()
     final = checkpoint_dir(root, iteration)
     partial = final + ".partial"
     if _rank() == 0:
@@ -160,22 +230,91 @@ def save_checkpoint(
             shutil.rmtree(partial)
         os.makedirs(partial)
     _barrier()
-    with _quiet_single_process():
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(partial, sync_files=True))
-    _barrier()
+    writer = dcp.FileSystemWriter(partial, sync_files=True)
+    rank = _rank()
+    if not async_save:
+        with _quiet_single_process():
+            dcp.save(tensors, storage_writer=writer)
+        # Each rank hashes the shards it just wrote (likely still in page cache),
+        # in parallel; rank 0 gathers the digests into the manifest.
+        own = digests(partial, rank_shard_files(partial, rank))
+        _finalize(root, iteration, partial, final, meta, config_yaml, keep_last, own)
+        return final
+    if not _distributed():
+        # DCP's background thread repeats the single-process warning on every save.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single")
+    upload = dcp.async_save(tensors, storage_writer=writer, process_group=_async_group(),
+                            no_dist=not _distributed())
+    upload = getattr(upload, "upload_completion", upload)
+
+    def written_then_hashed() -> dict[str, dict[str, Any]]:
+        upload.result()
+        return digests(partial, rank_shard_files(partial, rank))
+
+    global _PENDING, _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+    _PENDING = _PendingSave(root, iteration, partial, final, dict(meta), config_yaml, keep_last,
+                            _HASHER.submit(written_then_hashed), _distributed())
+    return final
+
+
+def wait_for_pending_save() -> str | None:
+    """Block until the asynchronous save in flight (if any) is written, then finish it:
+    manifest, rename into place, ``keep_last``. Returns its path, or None if none was
+    in flight. A failed background write is a ``CheckpointError`` on every rank; its
+    ``.partial`` directory stays behind and is never loaded."""
+    global _PENDING
+    p, _PENDING = _PENDING, None
+    if p is None:
+        return None
+    try:
+        own, error = p.shard_digests.result(), None
+    except Exception as e:
+        own, error = {}, f"{type(e).__name__}: {_first_line(e)}"
+    errors = [(r, e) for r, e in enumerate(_all_gather(error)) if e]
+    if errors:
+        r, e = errors[0]
+        raise CheckpointError(f"asynchronous save of {p.final} failed on rank {r}: {e} "
+                              f"(left in {p.partial}, which is never loaded)")
+    _finalize(p.root, p.iteration, p.partial, p.final, p.meta, p.config_yaml, p.keep_last, own)
+    return p.final
+
+
+@atexit.register
+def _finish_single_process_save() -> None:
+    """One process that forgot to wait still gets its last checkpoint into place."""
+    if _PENDING is not None and not _PENDING.distributed and not _distributed():
+        wait_for_pending_save()
+
+
+def _finalize(root: str, iteration: int, partial: str, final: str, meta: dict[str, Any],
+              config_yaml: str, keep_last: int, own: dict[str, dict[str, Any]]) -> None:
+    """Sidecars, then the manifest over every file, then the rename (rank 0)."""
+    gathered = _all_gather(own)
     if _rank() == 0:
+        files = {name: d for per_rank in gathered for name, d in per_rank.items()}
         meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **meta}
         _write_text(os.path.join(partial, META_FILE), json.dumps(meta, indent=1))
-        _write_text(os.path.join(partial, "config.yaml"), config_yaml)
+        _write_text(os.path.join(partial, CONFIG_FILE), config_yaml)
+        files.update(digests(partial, [DCP_METADATA_FILE, META_FILE, CONFIG_FILE]))
+        write_manifest(partial, files)
         if os.path.exists(final):
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(partial, final)
         _write_text(os.path.join(root, LATEST_FILE), f"{iteration}\n")
         if keep_last > 0:
             for _, old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
     _barrier()
-    return final
+
+
+def _remove(path: str) -> None:
+    """Rename away first: a deletion cut short never leaves a half-empty ``iter_N``."""
+    doomed = path + ".deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -195,21 +334,103 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+# --- verify / resolve / load -----------------------------------------------------
+
+
 def read_meta(path: str) -> dict[str, Any]:
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {META_FILE})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_path}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}"
-        )
-    return meta
+    """``meta.json`` of a checkpoint; a missing, garbled or incomplete one names the file."""
+    return read_meta_file(path)
 
 
-def load_checkpoint(path: str, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``tensors`` in place from the checkpoint at ``path``; return its meta."""
+def _problems(path: str, on_warning: Warn | None) -> list[str]:
+    """Everything wrong with the checkpoint at ``path``, the same list on every rank.
+
+    Every rank checks the (cheap) structure and the checksums of its share of the
+    files; the lists are gathered, so the verdict is one collective result that
+    cannot differ between ranks, even where their views of the filesystem would.
+    """
+    local, manifest = structural_problems(path)
+    if manifest is not None:
+        local += checksum_problems(path, manifest, _rank(), _world())
+    gathered = _all_gather((local, manifest is None))
+    problems = list(dict.fromkeys(p for per_rank, _ in gathered for p in per_rank))
+    if not problems and gathered[0][1]:
+        _warn(on_warning, f"{path} has no {MANIFEST_FILE} (written before checksums were "
+                          "recorded): loading it with structural checks only")
+    return problems
+
+
+def verify_checkpoint(path: str, on_warning: Warn | None = None) -> None:
+    """Raise ``CheckpointError`` naming the first damaged file of the checkpoint at ``path``."""
+    problems = _problems(path, on_warning)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+
+
+_VERIFIED: set[str] = set()  # resolved by resolve_loadable, not yet loaded
+
+
+def resolve_loadable(root: str, on_warning: Warn | None = None) -> str | None:
+    """The newest checkpoint under ``root`` that passes verification, or None if there
+    is none at all. Each newer one that fails is named in a warning together with the
+    one used instead; if every one fails, ``CheckpointError`` lists them."""
+    skipped: list[tuple[str, str]] = []
+    for _, path in reversed(_iteration_dirs(root)):
+        problems = _problems(path, on_warning)
+        if not problems:
+            _warn_fallback(skipped, path, on_warning)
+            _VERIFIED.add(os.path.abspath(path))
+            return path
+        skipped.append((path, problems[0]))
+    _raise_if_none_usable(root, skipped)
+    return None
+
+
+def load_latest(root: str, tensors: dict[str, Any],
+                on_warning: Warn | None = None) -> tuple[str, dict[str, Any]] | None:
+    """Like ``resolve_loadable`` + ``load_checkpoint``, also falling back when a verified
+    checkpoint fails to load. Returns (path, meta), or None when ``root`` holds none."""
+    skipped: list[tuple[str, str]] = []
+    for _, path in reversed(_iteration_dirs(root)):
+        problems = _problems(path, on_warning)
+        if not problems:
+            try:
+                meta = load_checkpoint(path, tensors, verify=False)
+            except CheckpointError as e:  # raised on every rank: DCP gathers load errors
+                problems = [str(e)]
+        if problems:
+            skipped.append((path, problems[0]))
+            continue
+        _warn_fallback(skipped, path, on_warning)
+        return path, meta
+    _raise_if_none_usable(root, skipped)
+    return None
+
+
+def _warn_fallback(skipped: list[tuple[str, str]], used: str, on_warning: Warn | None) -> None:
+    for bad, why in skipped:
+        _warn(on_warning, f"checkpoint {bad} is unusable ({why}); falling back to the "
+                          f"previous checkpoint {used}")
+
+
+def _raise_if_none_usable(root: str, skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        raise CheckpointError(f"no usable checkpoint under {root}: "
+                              + "; ".join(f"{p}: {why}" for p, why in skipped))
+
+
+def load_checkpoint(path: str, tensors: dict[str, Any], *, verify: bool = True,
+                    on_warning: Warn | None = None) -> dict[str, Any]:
+    """Fill ``tensors`` in place from the checkpoint at ``path``; return its meta.
+
+    Verifies sizes and checksums first (skipped for a path ``resolve_loadable`` has
+    just verified, or with ``verify=False``).
+    """
+    key = os.path.abspath(path)
+    if verify and key not in _VERIFIED:
+        verify_checkpoint(path, on_warning)
+    _VERIFIED.discard(key)
     meta = read_meta(path)
     try:
         with _quiet_single_process():

@@ -167,7 +167,8 @@ class TrainingCheckpoint:
 
     # --- save -----------------------------------------------------------------------
 
-    def save(self, root: str, iteration: int, config_yaml: str, keep_last: int) -> str:
+    def save(self, root: str, iteration: int, config_yaml: str, keep_last: int,
+             async_save: bool = False) -> str:
         tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    **self.rng.state_dict()}
         if self.stashes:
@@ -178,7 +179,7 @@ class TrainingCheckpoint:
         meta = {**self.json_state(), "pipeline_stash": self.stashes,
                 "layout": self.layout, "head": "tied" if self.model_tied else "untied"}
         return save_checkpoint(root, iteration, tensors, meta, config_yaml,
-                               keep_last=keep_last)
+                               keep_last=keep_last, async_save=async_save)
 
     # --- load -----------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_paci.checkpoint.format import latest_checkpoint
+from megatron_paci.checkpoint.format import resolve_loadable, wait_for_pending_save
 from megatron_paci.checkpoint.parts import (
     ModelPart,
     OptimizerPart,
@@ -249,12 +249,13 @@ class Trainer:
 
     def save(self) -> str:
         path = self._checkpoint().save(self.ckpt_root, self.progress.iteration,
-                                       to_yaml(self.cfg), self.cfg.checkpoint.keep_last)
+                                       to_yaml(self.cfg), self.cfg.checkpoint.keep_last,
+                                       async_save=self.cfg.checkpoint.async_save)
         self._print(f"saved checkpoint at iteration {self.progress.iteration} to {path}")
         return path
 
     def maybe_resume(self) -> bool:
-        path = latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.load else None
+        path = resolve_loadable(self.ckpt_root) if self.cfg.checkpoint.load else None
         if path is None:
             return False
         meta = self._checkpoint().load(path, saved_head_is_tied(path))
@@ -381,6 +382,7 @@ class Trainer:
             if exit_now and p.iteration < t.iters:
                 self._print(f"exiting at iteration {p.iteration} (train.exit_interval)")
                 break
+        wait_for_pending_save()  # an asynchronous save is complete before the run ends
         self.finish()
         return self.progress
 

@@ -1,0 +1,84 @@
+"""Stopping for a preemption or a time limit: save at a drain every rank agrees on, exit.
+
+SIGTERM and SIGUSR1 (slurm's ``--signal``, a preempting scheduler) only set a flag.
+The ranks agree on it at the pipeline's drains, with one small all-reduce per drain:
+never per micro-batch, and never in the middle of a window, so the checkpoint is the
+one an uninterrupted run would pass through and a requeued run continues it bit for
+bit, under every schedule. ``train.exit_check_interval=N`` adds a drain every N
+iterations for the check (a flushing schedule drains every window anyway; PACI and
+2BW pay one fill and drain per N windows); ``train.exit_duration_mins`` asks for the
+same stop once the run has lasted that long (Megatron's time-based exit).
+
+The process then exits with ``EXIT_REQUEUE`` (75, EX_TEMPFAIL), which the sbatch
+file turns into ``scontrol requeue``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+EXIT_REQUEUE = 75  # "saved and stopped; run me again": EX_TEMPFAIL
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequests:
+    """This process's pending stop request, and the agreement over all ranks."""
+
+    def __init__(self, duration_mins: float = 0.0) -> None:
+        self.signum: int | None = None
+        self.duration_mins = duration_mins
+        self.start = time.monotonic()
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Catch the stop signals (main thread only; elsewhere the default stays)."""
+        for sig in SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                return
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def local_reason(self) -> int:
+        """0: nothing; 1: out of time (train.exit_duration_mins); 2: a signal."""
+        if self.signum is not None:
+            return 2
+        if self.duration_mins > 0 and time.monotonic() - self.start >= 60 * self.duration_mins:
+            return 1
+        return 0
+
+    def agreed(self, device: torch.device) -> int:
+        """The strongest reason any rank has (a collective: every rank calls it at the
+        same drain)."""
+        reason = torch.tensor([float(self.local_reason())], device=device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(reason, op=dist.ReduceOp.MAX)
+        return int(reason.item())
+
+
+def describe(reason: int) -> str:
+    return {1: "train.exit_duration_mins reached", 2: "a stop signal (SIGTERM or SIGUSR1) "
+            "reached a rank"}.get(reason, "")
+
+
+def test_signal_hook(iteration: int, rank: int) -> None:
+    """Tests send a real signal at a known point: MEGATRON_PACI_TEST_SIGNAL=ITER:RANK."""
+    spec = os.environ.get("MEGATRON_PACI_TEST_SIGNAL")
+    if not spec:
+        return
+    at, _, who = spec.partition(":")
+    if iteration == int(at) and rank == int(who or 0):
+        os.kill(os.getpid(), signal.SIGUSR1)
