@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
         return 1
     shutdown()
-    return 0
+    # 0, or EXIT_REQUEUE (75) after saving for a preemption signal or a time limit:
+    # the sbatch file requeues the job on it.
+    return trainer.exit_code
 
 
 if __name__ == "__main__":

@@ -227,7 +227,8 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"config key '{key}' must be >= 1")
     for key in ("train.iters", "checkpoint.interval", "train.eval_interval", "train.eval_iters",
-                "train.exit_interval", "train.sample_tokens", "checkpoint.keep_last"):
+                "train.exit_interval", "train.exit_check_interval", "train.sample_tokens",
+                "checkpoint.keep_last"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0")

@@ -55,6 +55,10 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (bf16 autocast needs CUDA)
     device: str = "auto"  # auto | cpu | cuda
     exit_interval: int = 0  # stop (after a checkpoint) once iteration % this == 0; 0 = off
+    # Drain every N iterations to agree on a pending SIGTERM/SIGUSR1 (0: at the drains
+    # the run has anyway: evaluation, checkpoints, exit_interval).
+    exit_check_interval: int = 0
+    exit_duration_mins: float = 0.0  # save and stop once the run has lasted this long
     sample_prompt: str = ""  # text generated from at the end of training
     sample_tokens: int = 0  # 0 = no sample
 

@@ -132,8 +132,27 @@ def _start_wandb(cfg: Config):
         dir=cfg.run.dir,
         config=cfg.to_dict(),
         mode=mode,
+        id=wandb_run_id(cfg.run.dir),
         resume="allow",
     )
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The wandb run of this run directory: made once and kept in ``run_dir/wandb_run_id``,
+    so a relaunch (a requeued job) continues the same wandb run."""
+    path = os.path.join(run_dir, "wandb_run_id")
+    if os.path.isfile(path):
+        with open(path) as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    import uuid
+
+    run_id = uuid.uuid4().hex[:16]
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(run_id + "\n")
+    return run_id
 
 
 def _start_tensorboard(cfg: Config):

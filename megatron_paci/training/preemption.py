@@ -10,7 +10,10 @@ iterations for the check (a flushing schedule drains every window anyway; PACI a
 same stop once the run has lasted that long (Megatron's time-based exit).
 
 The process then exits with ``EXIT_REQUEUE`` (75, EX_TEMPFAIL), which the sbatch
-file turns into ``scontrol requeue``.
+file turns into ``scontrol requeue``. Under torchrun the code becomes torchrun's own 1
+(it takes any non-zero worker exit for a failure); srun, which the sbatch file uses,
+passes it through. wandb continues the same run after a relaunch (metrics.py keeps
+its id in the run directory).
 """
 
 from __future__ import annotations

@@ -52,6 +52,12 @@ from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
+from megatron_paci.training.preemption import (
+    EXIT_REQUEUE,
+    StopRequests,
+    describe,
+    test_signal_hook,
+)
 
 
 def peak_rss_mb() -> float:
@@ -147,6 +153,8 @@ class Trainer:
                             else None)
         self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
         self.metrics = MetricsWriter(cfg, self.log_enabled)
+        self.stops = StopRequests(t.exit_duration_mins)
+        self.exit_code = 0  # EXIT_REQUEUE after a stop for preemption or time
 
     def _build_stage(self) -> None:
         """This rank's model stage, its optimizer and LR schedule, the schedule's
@@ -324,7 +332,8 @@ class Trainer:
         """The next iteration after which the pipeline drains (eval, checkpoint, exit, end)."""
         cfg, t = self.cfg, self.cfg.train
         candidates = [t.iters]
-        for every in (t.eval_interval, cfg.checkpoint.interval, t.exit_interval):
+        for every in (t.eval_interval, cfg.checkpoint.interval, t.exit_interval,
+                      t.exit_check_interval):
             if every:
                 candidates.append((iteration // every + 1) * every)
         return min(candidates)
@@ -356,6 +365,7 @@ class Trainer:
             self._print(f"pipeline: {self.schedule.title} uses an untied output layer "
                         "(model.tie_embeddings ignored): keeping a tied copy in sync would "
                         "need a first/last-stage all-reduce at every step")
+        self.stops.install()
         self.maybe_resume()
         if self.progress.iteration >= t.iters:
             self._print(f"nothing to do: already at iteration {self.progress.iteration} "
@@ -377,13 +387,24 @@ class Trainer:
                 self._log_eval()
             save_now = cfg.checkpoint.interval and p.iteration % cfg.checkpoint.interval == 0
             exit_now = t.exit_interval and p.iteration % t.exit_interval == 0
-            if save_now or exit_now or (p.iteration == t.iters and cfg.checkpoint.save_at_end):
+            saved = save_now or exit_now or (p.iteration == t.iters and cfg.checkpoint.save_at_end)
+            if saved:
                 self.save()
+            # Every rank is at this drain: one all-reduce settles a pending stop request.
+            reason = self.stops.agreed(self.device) if p.iteration < t.iters else 0
+            if reason:
+                if not saved:
+                    self.save()
+                self._print(f"saved and stopping at iteration {p.iteration}: "
+                            f"{describe(reason)}; relaunch to continue (exit code "
+                            f"{EXIT_REQUEUE})")
+                self.exit_code = EXIT_REQUEUE
+                break
             if exit_now and p.iteration < t.iters:
                 self._print(f"exiting at iteration {p.iteration} (train.exit_interval)")
                 break
         wait_for_pending_save()  # an asynchronous save is complete before the run ends
-        self.finish()
+        self.finish(sample=self.exit_code == 0)
         return self.progress
 
     def _after_step(self, k: int, window_loss: torch.Tensor | None, norm: float,
@@ -395,6 +416,7 @@ class Trainer:
             loss = self._mean_over_dp(window_loss)
         p.iteration = k
         p.consumed_samples += t.global_batch_size
+        test_signal_hook(k, self.pstate.rank)
         p.skipped_iters += int(skipped)
         self._window_rows.append((loss, norm, comm.STATS.snapshot()))
         comm.STATS.reset()
@@ -498,13 +520,13 @@ class Trainer:
         self.metrics.log({"iteration": self.progress.iteration, "val_loss": loss,
                           "val_ppl": math.exp(min(loss, 20.0))})
 
-    def finish(self) -> None:
+    def finish(self, sample: bool = True) -> None:
         """End of training. Work that runs collectives (the timeline gather, the
         tensor-parallel sample) runs on every rank it involves before the logging
         rank's own files and prints, so no rank waits on a peer already at exit."""
         if self.cfg.pipeline.timeline:
             self._draw_measured_timeline()
-        text = self._sample() if self.cfg.train.sample_tokens > 0 else None
+        text = self._sample() if sample and self.cfg.train.sample_tokens > 0 else None
         self.metrics.close()
         if not self.log_enabled:
             return

@@ -126,3 +126,46 @@ def test_apex_backend_trains_and_resumes_like_torch(text_dataset, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for i in a:
         assert abs(a[i] - b[i]) <= 1e-5 * abs(a[i]), (i, a[i], b[i])
+
+
+def _ranks_as_srun_starts_them(args, world, env=None):
+    """``world`` processes of ``python ARGS`` with the rank variables srun gives each task
+    (no torchrun: torchrun turns a worker's exit code into its own 1)."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        full = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=ROOT,
+                    RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port), **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    out = [p.communicate(timeout=300) for p in procs]
+    return [p.returncode for p in procs], "".join(o for o, _ in out), "".join(e for _, e in out)
+
+
+def test_stop_signal_exits_for_requeue_and_the_relaunch_finishes(text_dataset, tmp_path):
+    """PACI on 2 stages started as srun starts tasks: a real SIGUSR1 on rank 1 at
+    iteration 2 -> both ranks save at the drain of iteration 2 and exit 75
+    (EXIT_REQUEUE, which the sbatch file requeues on); the same launch again finishes."""
+    prefix, tok = text_dataset
+    run = tmp_path / "run"
+    args = ["pretrain_gpt.py", *tiny_overrides(prefix, tok, run, **{
+        "train.iters": 4, "train.eval_interval": 0, "parallel.pipeline": 2,
+        "pipeline.schedule": "paci", "train.exit_check_interval": 2})]
+    codes, out, err = _ranks_as_srun_starts_them(args, 2, {"MEGATRON_PACI_TEST_SIGNAL": "2:1"})
+    assert codes == [75, 75], err[-3000:]
+    assert "saved and stopping at iteration 2: a stop signal" in out
+    assert (run / "checkpoints" / "iter_0000002").is_dir()
+    codes, out, err = _ranks_as_srun_starts_them(args, 2)
+    assert codes == [0, 0], err[-3000:]
+    assert sorted(losses(run)[0]) == [1, 2, 3, 4]
