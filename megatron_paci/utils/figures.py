@@ -299,6 +299,51 @@ def loss_figure(
     return fig
 
 
+@dataclass(frozen=True)
+class SeedRuns:
+    """One schedule's runs over several seeds, on a shared x grid (tokens or seconds):
+    ``y[seed][i]`` is the loss at ``x[i]``."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[Sequence[float]]
+
+
+def seed_band_figure(panels: Sequence[tuple[str, Sequence[SeedRuns]]],
+                     ylabel: str = "validation loss", title: str = "") -> Figure:
+    """Side-by-side panels (e.g. loss against tokens, and against wall-clock time), one
+    colour per schedule: the mean over seeds as a line, min..max over seeds as a band.
+    What the schedule comparison draws: a difference smaller than the band is noise."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("seed_band_figure needs at least one panel")
+    fig = Figure(figsize=(6 * len(panels), 4.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+    for ax, (xlabel, runs) in zip(axes, panels, strict=True):
+        for k, r in enumerate(runs):
+            if not r.y or any(len(row) != len(r.x) for row in r.y):
+                raise ValueError(f"{r.label}: every seed needs one value per x "
+                                 f"({len(r.x)} x values)")
+            cols = list(zip(*r.y, strict=True))
+            mean = [sum(c) / len(c) for c in cols]
+            colour = colours[k % len(colours)]
+            ax.plot(list(r.x), mean, color=colour, linewidth=1.6,
+                    label=f"{r.label} (mean of {len(r.y)} seeds)")
+            ax.fill_between(list(r.x), [min(c) for c in cols], [max(c) for c in cols],
+                            color=colour, alpha=0.2, linewidth=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(color="#e6e6e6")
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def _finite(v: float) -> float:
     """NaN for inf: matplotlib breaks a line at NaN but would stretch the axis to inf."""
     v = float(v)

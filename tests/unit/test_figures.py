@@ -192,3 +192,22 @@ def test_importing_package_and_simulator_leaves_matplotlib_out() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": ROOT})  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+def test_seed_band_figure_plots_the_mean_and_the_seed_range(tmp_path):
+    from megatron_paci.utils.figures import SeedRuns, save_figure, seed_band_figure
+
+    flush = SeedRuns("1f1b_flush", [1, 2, 3], [[5.0, 4.0, 3.0], [5.2, 4.4, 3.2]])
+    paci = SeedRuns("paci", [1, 2, 3], [[5.1, 4.1, 3.1], [5.1, 4.3, 3.3]])
+    fig = seed_band_figure([("tokens", [flush, paci]), ("seconds", [flush])])
+    by_tokens, by_time = fig.axes
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in by_tokens.get_lines()}
+    assert lines["1f1b_flush (mean of 2 seeds)"] == pytest.approx([5.1, 4.2, 3.1])
+    assert lines["paci (mean of 2 seeds)"] == pytest.approx([5.1, 4.2, 3.2])
+    band = by_tokens.collections[0].get_paths()[0].vertices[:, 1]
+    assert min(band) == pytest.approx(3.0) and max(band) == pytest.approx(5.2)
+    assert by_tokens.get_xlabel() == "tokens" and by_time.get_xlabel() == "seconds"
+    w, h = save_figure(fig, str(tmp_path / "cmp.png"))
+    assert w > h > 0
+    with pytest.raises(ValueError, match="every seed needs one value per x"):
+        seed_band_figure([("tokens", [SeedRuns("bad", [1, 2], [[1.0]])])])
