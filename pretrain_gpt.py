@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import traceback
 
+from megatron_paci.checkpoint.format import CheckpointError
 from megatron_paci.config import ConfigError, format_config, parse_args
 from megatron_paci.parallel.state import (
     ParallelConfigError,
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         fail_on_all_ranks(str(e))
     try:
         trainer.train()
+    except CheckpointError as e:
+        # A checkpoint that does not fit this run: every rank reached the same verdict.
+        fail_on_all_ranks(str(e))
     except Exception as e:
         # The traceback above says where; this line says which rank and why, which
         # is what a reader of 64 interleaved logs needs first.

@@ -213,6 +213,20 @@ class TrainingCheckpoint:
             stash_targets = {n: _clone_target(t) for n, t in self.model.state_dict().items()
                              if n in params and f"pipeline_stash.{n}" in saved}
             tree["pipeline_stash"] = stash_targets
+        mismatched = {
+            f"{section}.{key} has shape {list(saved[f'{section}.{key}'])} in the checkpoint "
+            f"but {list(t.shape)} in this model"
+            for section in ("model", "optimizer") for key, t in tree[section].items()
+            if f"{section}.{key}" in saved
+            and tuple(t.shape) != tuple(saved[f"{section}.{key}"])}
+        # Every rank reaches the same verdict (a rank alone would leave the others in
+        # DCP's collective load).
+        mismatched = _union_over_ranks(mismatched)
+        if mismatched:
+            raise CheckpointError(
+                f"{path}: {sorted(mismatched)[0]}; model.* must match the checkpoint's "
+                f"config.yaml (python -m megatron_paci.checkpoint.inspect {path} --config "
+                "CONFIG shows the difference)")
         consumed = {f"{s}.{k}" for s in ("model", "optimizer") for k in tree[s]}
         everywhere = _union_over_ranks(consumed)
         dropped = rule.dropped()
