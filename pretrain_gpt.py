@@ -7,6 +7,8 @@ complete checkpoint in ``run.dir/checkpoints``.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import traceback
 
@@ -22,15 +24,33 @@ from megatron_paci.parallel.state import (
 from megatron_paci.training.layout import validate_layout
 
 
+def print_once(text: str) -> None:
+    """Rank 0 prints (``--print`` under torchrun or srun runs on every rank); a closed
+    pipe (``--print | head``) ends the output quietly instead of with a traceback."""
+    if world_from_env()[0] != 0:
+        return
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, print_only = parse_args(argv)
         if print_only:
-            print(format_config(cfg))
+            print_once(format_config(cfg))
             return 0
         validate_layout(cfg, world_from_env()[1])
     except (ConfigError, ParallelConfigError) as e:
         fail_on_all_ranks(str(e))
+    # scripts/slurm/pretrain_gpt.sbatch asks slurm for SIGUSR1 minutes before the time
+    # limit. Its default action kills the process; until the trainer saves and exits
+    # with EXIT_REQUEUE (training/exit_codes.py) on it, which is pending, the run
+    # ignores it and goes on as before.
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         # CPU training on a GPU node stays on gloo: no GPU per process needed.
         pstate = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s,

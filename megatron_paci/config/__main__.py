@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = parse_args(argv, prog="python -m megatron_paci.config")
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return 2
     print(to_yaml(cfg), end="")
     return 0

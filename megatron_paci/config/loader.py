@@ -152,14 +152,19 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
         for p in parents:
             p = p if os.path.isabs(p) else os.path.join(os.path.dirname(path), p)
             _deep_merge(merged, _read_yaml(p, chain + (path,)))
-    for section, values in raw.items():
+    errors: list[str] = []
+    for section, values in list(raw.items()):
         if section not in SECTIONS:
-            raise _unknown_key(str(section), f" in {path}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path}: section '{section}' must be a mapping")
-        for k in values:
-            if k not in _section_types(section):
-                raise _unknown_key(f"{section}.{k}", f" in {path}")
+            errors.append(str(_unknown_key(str(section), f" in {path}")))
+            del raw[section]
+        elif not isinstance(values, dict):
+            errors.append(f"config file {path}: section '{section}' must be a mapping")
+            del raw[section]
+        else:
+            errors += [str(_unknown_key(f"{section}.{k}", f" in {path}"))
+                       for k in values if k not in _section_types(section)]
+    if errors:
+        raise ConfigError("\n".join(errors))
     _deep_merge(merged, raw)
     return merged
 
@@ -192,13 +197,24 @@ def set_value(cfg: Config, key: str, value: Any, where: str = "") -> None:
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML file (with its ``inherit`` chain) <- ``section.key=value`` overrides."""
     cfg = Config()
+    # Every bad key and value of one launch is reported at once: a relaunch per typo
+    # costs a queue wait on a cluster. Checks between fields run once each field is good.
+    errors: list[str] = []
+
+    def collect(fn, *args) -> None:
+        try:
+            fn(*args)
+        except ConfigError as e:
+            errors.append(str(e))
+
     if path:
         for section, values in _read_yaml(path).items():
             for k, v in values.items():
-                set_value(cfg, f"{section}.{k}", v, f" in {path}")
+                collect(set_value, cfg, f"{section}.{k}", v, f" in {path}")
     for text in overrides:
-        key, value = parse_override(text)
-        set_value(cfg, key, value, " on the command line")
+        collect(lambda t: set_value(cfg, *parse_override(t), " on the command line"), text)
+    if errors:
+        raise ConfigError("\n".join(errors))
     validate(cfg)
     return cfg
 

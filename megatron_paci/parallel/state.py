@@ -15,10 +15,13 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+FAIL_WAIT_S = 10.0  # fail_on_all_ranks: how long ranks > 0 under torchrun give rank 0
 
 
 class ParallelConfigError(ValueError):
@@ -203,8 +206,15 @@ def shutdown() -> None:
 
 
 def fail_on_all_ranks(message: str, code: int = 2) -> None:
-    """Same error everywhere, printed once: rank 0 speaks, every rank exits."""
+    """Same error everywhere, printed once: rank 0 speaks, every rank exits. A message of
+    several lines (every bad key of one config) prints as one ``error:`` line each."""
     rank, _, _ = world_from_env()
     if rank == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print("\n".join(f"error: {line}" for line in message.splitlines() or [""]),
+              file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun stops every worker once one has exited: the others wait (a moment;
+        # torchrun ends them when rank 0 is done) so that rank 0 is not stopped before
+        # it has printed the error.
+        time.sleep(FAIL_WAIT_S)
     sys.exit(code)

@@ -123,8 +123,8 @@ RULES: list[tuple[str, Rule]] = [
                                                      expect="layout: 8 processes")),
     ("torchrun --standalone --nproc_per_node", train()),
     ("python pretrain_gpt.py", train()),
-    # docs/parallelism.md
-    ("sbatch ", dry("a slurm cluster with GPUs")),
+    # README.md, docs/operations.md, docs/parallelism.md
+    ("sbatch ", dry("a slurm cluster with GPUs", expect="end of arguments")),
     # docs/benchmarks.md
     ("bash scripts/bench_schedules.sh", skip("minutes of wall-clock benchmarking on an idle "
                                              "machine; its numbers are in docs/benchmarks.md")),
@@ -263,7 +263,7 @@ DRY_STANDINS = {
     "scontrol": "echo localhost\n",
     # sbatch [options] SCRIPT ARGS -> bash SCRIPT ARGS, as one slurm task would
     "sbatch": 'while [[ "$1" == -* ]]; do [[ "$1" == *=* ]] && shift || shift 2; done\n'
-              "export SLURM_JOB_NODELIST=localhost SLURM_JOB_NAME=doc_test\n"
+              "export SLURM_JOB_ID=4242 SLURM_JOB_NODELIST=localhost SLURM_JOB_NAME=doc_test\n"
               'exec bash "$@"\n',
 }
 

@@ -82,6 +82,30 @@ def test_unknown_key_in_file_names_file(tmp_path):
         load_config(path)
 
 
+def test_every_bad_key_and_value_of_one_load_is_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=1", "optim.lr=fast", "notakey", "train.iters=5",
+                           "modle.num_layers=2"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("unknown config key 'train.lr' on the command line")
+    assert lines[1] == "config key 'optim.lr': expected float, got 'fast'"
+    assert lines[2] == "override 'notakey' must look like section.key=value"
+    assert lines[3].startswith("unknown config key 'modle.num_layers'")
+    path = write(tmp_path, "bad.yaml", "train: {itres: 3, iters: x}\nmodle: {a: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    lines = str(e.value).splitlines()
+    assert [x.split("'")[1] for x in lines] == ["train.itres", "modle"]  # keys before values
+
+
+def test_value_checks_between_fields_wait_for_good_fields():
+    # a bad type is reported alone, not also as the divisibility it breaks
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.hidden_size=abc"])
+    assert str(e.value) == "config key 'model.hidden_size': expected int, got 'abc'"
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [
