@@ -8,7 +8,6 @@ complete checkpoint in ``run.dir/checkpoints``.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import traceback
 
@@ -22,6 +21,7 @@ from megatron_paci.parallel.state import (
     world_from_env,
 )
 from megatron_paci.training.layout import validate_layout
+from megatron_paci.training.preemption import StopRequests
 
 
 def print_once(text: str) -> None:
@@ -46,11 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ParallelConfigError) as e:
         fail_on_all_ranks(str(e))
     # scripts/slurm/pretrain_gpt.sbatch asks slurm for SIGUSR1 minutes before the time
-    # limit. Its default action kills the process; until the trainer saves and exits
-    # with EXIT_REQUEUE (training/exit_codes.py) on it, which is pending, the run
-    # ignores it and goes on as before.
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # limit: from here on SIGTERM/SIGUSR1 only set a flag, and the trainer saves at the
+    # next agreed drain and exits with EXIT_REQUEUE (training/preemption.py).
+    stops = StopRequests(cfg.train.exit_duration_mins)
+    stops.install()
     try:
         # CPU training on a GPU node stays on gloo: no GPU per process needed.
         pstate = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s,
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_paci.training.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, pstate)
+        trainer = Trainer(cfg, pstate, stops=stops)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         # Bad input is seen identically by every rank; rank 0 reports it.
         fail_on_all_ranks(str(e))

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-EXIT_REQUEUE = 75  # "saved and stopped; run me again": EX_TEMPFAIL
+from megatron_paci.training.exit_codes import EXIT_REQUEUE  # noqa: F401  (75, EX_TEMPFAIL)
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -40,7 +41,10 @@ class StopRequests:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        """Catch the stop signals (main thread only; elsewhere the default stays)."""
+        """Catch the stop signals (main thread only; elsewhere the default stays).
+        Installing twice is a no-op."""
+        if self._previous:
+            return
         for sig in SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._on_signal)

@@ -92,7 +92,8 @@ def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, pstate: ParallelState | None = None):
+    def __init__(self, cfg: Config, pstate: ParallelState | None = None,
+                 stops: StopRequests | None = None):
         self.cfg = cfg
         self.pstate = ps = pstate or single_process()
         t = cfg.train
@@ -153,7 +154,8 @@ class Trainer:
                             else None)
         self.ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
         self.metrics = MetricsWriter(cfg, self.log_enabled)
-        self.stops = StopRequests(t.exit_duration_mins)
+        # Stop requests (signals, the time limit): the launcher's, caught from its start.
+        self.stops = stops or StopRequests(t.exit_duration_mins)
         self.exit_code = 0  # EXIT_REQUEUE after a stop for preemption or time
 
     def _build_stage(self) -> None:
