@@ -118,6 +118,12 @@ RULES: list[tuple[str, Rule]] = [
     ("bash scripts/pretrain_gpt2_medium.sh", dry("GPT-2 Medium on 8 GPUs, /data inputs",
                                                  expect="layout: 8 processes")),
     ("python -m megatron_paci.pipeline.simulate", run()),
+    # README.md, docs/checkpoint.md: the checkpoints of the runs above (runs/tiny: 2 iterations)
+    ("python -m megatron_paci.checkpoint.inspect runs/tiny/checkpoints/iter_0000600",
+     skip("names the 600-iteration checkpoint of the full tiny run; the test's has 2")),
+    ("python -m megatron_paci.checkpoint.inspect", run()),
+    ("python -m megatron_paci.checkpoint.export_hf", run()),
+    ("python -m megatron_paci.checkpoint.import_hf", run()),
     # README.md, docs/parallelism.md, docs/pipeline.md, docs/schedules/*.md
     ("torchrun --standalone --nproc_per_node 8", dry("8 processes; tests start 2-4 ranks",
                                                      expect="layout: 8 processes")),
@@ -126,6 +132,9 @@ RULES: list[tuple[str, Rule]] = [
     # README.md, docs/operations.md, docs/parallelism.md
     ("sbatch ", dry("a slurm cluster with GPUs", expect="end of arguments")),
     # docs/benchmarks.md
+    ("python3 scripts/bench_ckpt_save.py", skip("minutes of save benchmarking on an idle "
+                                                "machine; its numbers are in "
+                                                "docs/benchmarks.md")),
     ("bash scripts/bench_schedules.sh", skip("minutes of wall-clock benchmarking on an idle "
                                              "machine; its numbers are in docs/benchmarks.md")),
 ]
