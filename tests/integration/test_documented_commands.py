@@ -124,6 +124,10 @@ RULES: list[tuple[str, Rule]] = [
     ("python -m megatron_paci.checkpoint.inspect", run()),
     ("python -m megatron_paci.checkpoint.export_hf", run()),
     ("python -m megatron_paci.checkpoint.import_hf", run()),
+    # trains on from the imported checkpoint: its run directory must stay (no fresh dir)
+    ("python pretrain_gpt.py --config runs/from_hf/", run("train.iters=2",
+                                                          "train.eval_interval=0",
+                                                          expect=TRAINED)),
     # README.md, docs/parallelism.md, docs/pipeline.md, docs/schedules/*.md
     ("torchrun --standalone --nproc_per_node 8", dry("8 processes; tests start 2-4 ranks",
                                                      expect="layout: 8 processes")),
