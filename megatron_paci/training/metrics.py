@@ -34,6 +34,7 @@ def format_log_line(row: dict[str, Any], total_iters: int, verbose: bool = False
             f"number of skipped iterations: {row['skipped_iters']:3d}",
             f"tokens/s: {row['tokens_per_s']:.0f}",
             *mfu,
+            *([f"ETA: {_hms(row['eta_s'])}"] if "eta_s" in row else []),
         ]
         return " | ".join(parts) + " |"
     parts = [
@@ -43,6 +44,10 @@ def format_log_line(row: dict[str, Any], total_iters: int, verbose: bool = False
         f"throughput (tokens/s): {row['tokens_per_s']:.0f}",
         f"TFLOP/s/GPU: {row['tflops']:.3f}",
         *mfu,
+        *([f"tokens/s/GPU: {row['tokens_per_s_per_gpu']:.0f}"]
+          if "tokens_per_s_per_gpu" in row else []),
+        *([f"peak memory (MB): {row['peak_mem_mb']:.0f}"] if "peak_mem_mb" in row else []),
+        *([f"ETA: {_hms(row['eta_s'])}"] if "eta_s" in row else []),
         f"learning rate: {row['lr']:.6E}",
         f"global batch size: {row['global_batch_size']:5d}",
         f"lm loss: {row['loss']:.6E}",
@@ -54,6 +59,11 @@ def format_log_line(row: dict[str, Any], total_iters: int, verbose: bool = False
     if any(v for _, v in sent):
         parts.append("sent MB/iter " + " ".join(f"{k}: {v / 2**20:.2f}" for k, v in sent))
     return " | ".join(parts) + " |"
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def format_eval_line(iteration: int, loss: float) -> str:

@@ -505,6 +505,11 @@ class Trainer:
             "grad_norm": window[-1][1],
             "skipped_iters": p.skipped_iters,
             "global_batch_size": self.cfg.train.global_batch_size,
+            "tokens_per_s_per_gpu": tokens_per_s / self.pstate.world_size,
+            # This (logging) rank's peak: the device allocator's on a GPU, RSS on a CPU.
+            "peak_mem_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
+                            if self.device.type == "cuda" else peak_rss_mb()),
+            "eta_s": max(0, self.cfg.train.iters - p.iteration) * per_iter,
         }
         if self.pstate.pipeline_size > 1:
             row["bubble_fraction"] = self.executor.measured_bubble()

@@ -25,3 +25,15 @@ def test_verbose_line_adds_throughput_batch_and_bytes():
     piped = format_log_line({**ROW, "bubble_fraction": 0.4341}, 600, verbose=True)
     assert "| bubble: 0.434 |" in piped
     assert "bubble" not in format_log_line({**ROW, "bubble_fraction": 0.4341}, 600)
+
+
+def test_eta_peak_memory_and_per_gpu_throughput_are_shown():
+    from megatron_paci.training.metrics import format_log_line
+
+    row = {"iteration": 10, "consumed_samples": 160, "ms_per_iter": 250.0, "lr": 1e-3,
+           "loss": 5.0, "grad_norm": 1.0, "skipped_iters": 0, "tokens_per_s": 8000.0,
+           "tflops": 0.5, "global_batch_size": 16, "tokens_per_s_per_gpu": 2000.0,
+           "peak_mem_mb": 1234.4, "eta_s": 3 * 3600 + 25 * 60 + 7}
+    assert "ETA: 3:25:07" in format_log_line(row, 100)
+    verbose = format_log_line(row, 100, verbose=True)
+    assert "tokens/s/GPU: 2000" in verbose and "peak memory (MB): 1234" in verbose
