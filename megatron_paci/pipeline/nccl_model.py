@@ -61,64 +61,78 @@ def executor_calls(lists: Sequence[Sequence[Action]], chunks: int) -> dict[int, 
 
 
 def stuck_calls(calls: dict[int, list[Call]]) -> str | None:
-    """None if every call completes; else what each rank is stuck on."""
-    owner: dict[tuple[int, int, int], tuple[int, int]] = {}  # (src, dst, k) -> (rank, call)
+    """None if every call completes; else what each rank is stuck on.
+
+    Event-driven and linear in the calls: a call depends only on the previous call of
+    its rank sharing each of its peers and on its rank's previous receiving call (those
+    started only once everything earlier they depend on was done)."""
+    side: dict[tuple[tuple[int, int, int], str], tuple[int, int]] = {}  # (msg, kind) -> call
     ops: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    deps: dict[tuple[int, int], set[tuple[int, int]]] = {}
     for rank, rank_calls in calls.items():
         sent: dict[int, int] = {}
         got: dict[int, int] = {}
+        last_with: dict[int, int] = {}
+        last_recv: int | None = None
         for i, call in enumerate(rank_calls):
             ids = []
             for kind, peer in call:
                 count = sent if kind == "send" else got
                 k = count.get(peer, 0)
                 count[peer] = k + 1
-                ids.append((rank, peer, k) if kind == "send" else (peer, rank, k))
+                msg = (rank, peer, k) if kind == "send" else (peer, rank, k)
+                ids.append(msg)
+                side[(msg, kind)] = (rank, i)
             ops[(rank, i)] = ids
-            for msg in ids:
-                owner.setdefault(msg, (rank, i))
-    for msg, (rank, i) in owner.items():
-        src, dst, _ = msg
-        other = dst if rank == src else src
-        if not any(m == msg for j in range(len(calls.get(other, [])))
-                   for m in ops[(other, j)]):
+            need = {(rank, last_with[p]) for _, p in call if p in last_with}
+            if last_recv is not None:
+                need.add((rank, last_recv))
+            deps[(rank, i)] = need
+            for _, p in call:
+                last_with[p] = i
+            if any(kind == "recv" for kind, _ in call):
+                last_recv = i
+    for (msg, kind), (rank, i) in sorted(side.items(), key=lambda kv: kv[1]):
+        if (msg, "recv" if kind == "send" else "send") not in side:
+            src, dst, _ = msg
+            other = dst if rank == src else src
             return f"rank {rank} call {i}: message {msg} has no matching op on rank {other}"
 
     def partner(msg: tuple[int, int, int], rank: int) -> tuple[int, int]:
-        src, dst, _ = msg
-        other = dst if rank == src else src
-        return next((other, j) for j in range(len(calls[other])) if msg in ops[(other, j)])
+        kind = "recv" if msg[0] == rank else "send"
+        return side[(msg, kind)]
 
+    dependents: dict[tuple[int, int], list[tuple[int, int]]] = {c: [] for c in ops}
+    for c, need in deps.items():
+        for d in need:
+            dependents[d].append(c)
+    waiting = {c: len(need) for c, need in deps.items()}
+    left = {c: len(ids) for c, ids in ops.items()}
     started: set[tuple[int, int]] = set()
-    finished_ops: set[tuple[int, int, int]] = set()
     done: set[tuple[int, int]] = set()
-    total = sum(len(c) for c in calls.values())
-    while len(done) < total:
-        progress = False
-        for rank, rank_calls in calls.items():
-            for i, call in enumerate(rank_calls):
-                if (rank, i) in started:
-                    continue
-                peers = {p for _, p in call}
-                if all((rank, j) in done for j, c in enumerate(rank_calls[:i])
-                       if peers & {p for _, p in c} or any(k == "recv" for k, _ in c)):
-                    started.add((rank, i))
-                    progress = True
-        # An op completes once the call holding its counterpart runs too; a call is
-        # done when all its ops are.
-        for rank, i in started - done:
-            for msg in ops[(rank, i)]:
-                if msg not in finished_ops and partner(msg, rank) in started:
-                    finished_ops.add(msg)
-                    progress = True
-            if all(msg in finished_ops for msg in ops[(rank, i)]):
-                done.add((rank, i))
-                progress = True
-        if not progress:
-            heads = []
-            for rank, rank_calls in sorted(calls.items()):
-                left = [i for i in range(len(rank_calls)) if (rank, i) not in done]
-                if left:
-                    heads.append(f"rank {rank} at call {left[0]} {rank_calls[left[0]]}")
-            return "deadlock: " + "; ".join(heads)
-    return None
+    todo = [c for c, n in waiting.items() if n == 0]
+    while todo:
+        call = todo.pop()
+        started.add(call)
+        finished = [call] if not ops[call] else []
+        for msg in ops[call]:
+            other = partner(msg, call[0])
+            if other in started:  # both ends posted: the op completes on both sides
+                for c in (call, other):
+                    left[c] -= 1
+                    if left[c] == 0:
+                        finished.append(c)
+        for c in finished:
+            done.add(c)
+            for nxt in dependents[c]:
+                waiting[nxt] -= 1
+                if waiting[nxt] == 0:
+                    todo.append(nxt)
+    if len(done) == len(ops):
+        return None
+    heads = []
+    for rank, rank_calls in sorted(calls.items()):
+        stuck = [i for i in range(len(rank_calls)) if (rank, i) not in done]
+        if stuck:
+            heads.append(f"rank {rank} at call {stuck[0]} {rank_calls[stuck[0]]}")
+    return "deadlock: " + "; ".join(heads)

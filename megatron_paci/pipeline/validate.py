@@ -139,13 +139,7 @@ def check_lists(spec: ScheduleSpec, lists: Sequence[Sequence[Action]], window: i
             raise ScheduleListError(f"rank {pair[0]} -> rank {pair[1]}: {len(out)} messages "
                                     f"sent, {len(got)} received")
     if nccl and len(lists) > 1:
-        from megatron_paci.pipeline.nccl_model import executor_calls, stuck_calls
-
-        stuck = stuck_calls(executor_calls(lists, chunks))
-        if stuck:
-            raise ScheduleListError(
-                f"the executor's point-to-point calls for these lists would deadlock on "
-                f"NCCL ({stuck}); gloo (train.device=cpu) runs them")
+        check_nccl(lists, chunks)
 
 
 def _what(msg: tuple) -> str:
@@ -158,4 +152,17 @@ def check_schedule(spec: ScheduleSpec, stages: int, window: int, chunks: int = 1
                    num_windows: int = 2, nccl: bool = False) -> None:
     """Build ``num_windows`` windows of every rank's list and check them together."""
     lists = [spec.actions(stages, s, window, num_windows, 1, chunks) for s in range(stages)]
-    check_lists(spec, lists, window, num_windows, 1, chunks, nccl)
+    check_lists(spec, lists, window, num_windows, 1, chunks)
+    if nccl and stages > 1:
+        check_nccl(lists, chunks)
+
+
+def check_nccl(lists: Sequence[Sequence[Action]], chunks: int) -> None:
+    """Refuse lists whose executor calls NCCL's blocking rules would hang."""
+    from megatron_paci.pipeline.nccl_model import executor_calls, stuck_calls
+
+    stuck = stuck_calls(executor_calls(lists, chunks))
+    if stuck:
+        raise ScheduleListError(
+            f"the executor's point-to-point calls for these lists would deadlock on "
+            f"NCCL ({stuck}); gloo (train.device=cpu) runs them")

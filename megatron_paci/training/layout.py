@@ -78,5 +78,7 @@ def validate_layout(cfg: Config, world: int) -> int:
         check_schedule(spec, par.pipeline, window, par.virtual_pipeline,
                        nccl=_uses_nccl(cfg))
     except ValueError as e:
-        raise ParallelConfigError(f"pipeline.schedule={cfg.pipeline.schedule}: {e}") from None
+        msg = str(e)
+        prefix = f"pipeline.schedule={cfg.pipeline.schedule}"
+        raise ParallelConfigError(msg if msg.startswith(prefix) else f"{prefix}: {msg}") from None
     return dp

@@ -169,3 +169,17 @@ def test_stop_signal_exits_for_requeue_and_the_relaunch_finishes(text_dataset, t
     codes, out, err = _ranks_as_srun_starts_them(args, 2)
     assert codes == [0, 0], err[-3000:]
     assert sorted(losses(run)[0]) == [1, 2, 3, 4]
+
+
+def test_exit_duration_saves_and_exits_for_requeue(text_dataset, tmp_path):
+    """train.exit_duration_mins: the same stop as a signal, without one (one process)."""
+    prefix, tok = text_dataset
+    run = tmp_path / "run"
+    base = tiny_overrides(prefix, tok, run, **{"train.iters": 4, "train.eval_interval": 0,
+                                               "train.exit_check_interval": 2})
+    first = run_cli(["pretrain_gpt.py", *base, "train.exit_duration_mins=1e-6"])
+    assert first.returncode == 75, first.stderr[-3000:]
+    assert "saved and stopping at iteration 2: train.exit_duration_mins reached" in first.stdout
+    again = run_cli(["pretrain_gpt.py", *base])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(losses(run)[0]) == [1, 2, 3, 4]
