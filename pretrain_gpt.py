@@ -1,5 +1,9 @@
 """Pretrain a GPT: ``python pretrain_gpt.py --config configs/tiny.yaml [section.key=value ...]``.
 
+``--dry-run [--world-size N] [--gpu-memory-gb G]`` prints the plan for N GPUs of G GiB
+(training/plan.py) and exits: 0 when the layout fits, 1 when it does not, 2 when it
+cannot run at all. It starts no process group and touches no GPU.
+
 Thin on purpose: config -> layout -> build -> train. Under torchrun (or srun)
 every rank runs this; relaunching the same command resumes from the newest
 complete checkpoint in ``run.dir/checkpoints``.
@@ -7,6 +11,7 @@ complete checkpoint in ``run.dir/checkpoints``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -36,9 +41,37 @@ def print_once(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _dry_run_flags(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The planner's flags, taken out before the config's own parser sees the rest."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, usage=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the layout, memory per GPU, FLOPs and bubbles, then exit")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="GPUs to plan for (default: parallel.tensor x parallel.pipeline)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="memory of one GPU in GiB (default 80)")
+    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if "-h" in rest or "--help" in rest:
+        print("dry-run " + p.format_help().strip() + "\n")
+    return args, rest
+
+
+def _dry_run(cfg, args: argparse.Namespace, source: str) -> int:
+    from megatron_paci.training.plan import fits, format_plan, make_plan
+
+    world = args.world_size or cfg.parallel.tensor * cfg.parallel.pipeline
+    plan = make_plan(cfg, world, args.gpu_memory_gb)
+    print(format_plan(plan, source), flush=True)
+    return 0 if fits(plan) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    flags, argv = _dry_run_flags(argv)
     try:
         cfg, print_only = parse_args(argv)
+        if flags.dry_run:
+            source = argv[argv.index("--config") + 1] if "--config" in argv else ""
+            return _dry_run(cfg, flags, source)
         if print_only:
             print_once(format_config(cfg))
             return 0
