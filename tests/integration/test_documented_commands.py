@@ -132,6 +132,8 @@ RULES: list[tuple[str, Rule]] = [
     ("torchrun --standalone --nproc_per_node 8", dry("8 processes; tests start 2-4 ranks",
                                                      expect="layout: 8 processes")),
     ("torchrun --standalone --nproc_per_node", train()),
+    ("python pretrain_gpt.py --config configs/gpt3_13b.yaml --dry-run",
+     run(expect="fits: yes")),
     ("python pretrain_gpt.py", train()),
     # README.md, docs/operations.md, docs/parallelism.md
     ("sbatch ", dry("a slurm cluster with GPUs", expect="end of arguments")),
