@@ -115,6 +115,7 @@ RULES: list[tuple[str, Rule]] = [
     ("python pretrain_gpt.py --config configs/tiny.yaml optim.lr=1e-3 train.iters=500",
      train(prepare=link_datasets("wiki_text_document", "code_text_document"))),
     ("python -m megatron_paci.config", run()),
+    ("bash scripts/pretrain_gpt.sh", dry("GPT-3 1.3B on 8 GPUs", expect="layout: 8 processes")),
     ("bash scripts/pretrain_gpt2_medium.sh", dry("GPT-2 Medium on 8 GPUs, /data inputs",
                                                  expect="layout: 8 processes")),
     ("python -m megatron_paci.pipeline.simulate", run()),

@@ -244,3 +244,27 @@ def test_print_is_once_per_launch_and_quiet_on_a_closed_pipe():
     p.stdout.close()  # a reader that is gone, as `| head` once it has its lines
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and err == ""
+
+
+def _configs():
+    return sorted(os.path.basename(p)[:-5] for p in os.listdir(os.path.join(ROOT, "configs"))
+                  if p.endswith(".yaml") and not p.endswith("base.yaml"))
+
+
+@pytest.mark.parametrize("size", [c for c in _configs() if c.startswith(("gpt", "paci"))])
+def test_every_size_has_a_script_and_a_name(fakes, size):
+    """scripts/pretrain_<size>.sh and scripts/pretrain_gpt.sh <size> launch the same."""
+    for argv in (["bash", f"{ROOT}/scripts/pretrain_{size}.sh", "train.iters=3"],
+                 ["bash", f"{ROOT}/scripts/pretrain_gpt.sh", size, "train.iters=3"]):
+        r, calls = fakes(argv)
+        assert r.returncode == 0, r.stderr
+        assert only(calls, "torchrun")["argv"][3:] == [
+            "pretrain_gpt.py", "--config", f"configs/{size}.yaml", "train.iters=3"]
+
+
+def test_a_size_with_no_config_is_one_error_line_listing_the_sizes(fakes):
+    r, calls = fakes(["bash", f"{ROOT}/scripts/pretrain_gpt.sh", "gpt3_999m"])
+    assert r.returncode == 2 and not calls
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no config for size 'gpt3_999m'")
+    assert "gpt3_13b" in lines[0] and "paci_gpt2_medium" in lines[0]

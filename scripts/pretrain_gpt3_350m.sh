@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# GPT-3 Medium (350M), Table 2.1 of Brown et al. 2020:
+# configs/gpt3_350m.yaml; arguments are overrides; torchrun on this node, or srun inside a
+# slurm allocation (see scripts/launch.sh).
+exec bash "$(dirname "$0")/launch.sh" configs/gpt3_350m.yaml "$@"
