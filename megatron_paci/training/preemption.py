@@ -81,11 +81,12 @@ def describe(reason: int) -> str:
             "reached a rank"}.get(reason, "")
 
 
-def test_signal_hook(iteration: int, rank: int) -> None:
-    """Tests send a real signal at a known point: MEGATRON_PACI_TEST_SIGNAL=ITER:RANK."""
+def test_signal_hook(iteration: int, rank: int, where: str = "step") -> None:
+    """Tests send a real signal at a known point: MEGATRON_PACI_TEST_SIGNAL=ITER:RANK
+    (right after STEP ITER) or ITER:RANK:save (inside the save at ITER)."""
     spec = os.environ.get("MEGATRON_PACI_TEST_SIGNAL")
     if not spec:
         return
-    at, _, who = spec.partition(":")
-    if iteration == int(at) and rank == int(who or 0):
+    at, who, place = (spec.split(":") + ["", ""])[:3]
+    if iteration == int(at) and rank == int(who or 0) and (place or "step") == where:
         os.kill(os.getpid(), signal.SIGUSR1)

@@ -258,6 +258,7 @@ class Trainer:
             head_choice=self.cfg.checkpoint.untied_head, log=self._print)
 
     def save(self) -> str:
+        test_signal_hook(self.progress.iteration, self.pstate.rank, "save")
         path = self._checkpoint().save(self.ckpt_root, self.progress.iteration,
                                        to_yaml(self.cfg), self.cfg.checkpoint.keep_last,
                                        async_save=self.cfg.checkpoint.async_save)
