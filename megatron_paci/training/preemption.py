@@ -40,16 +40,17 @@ class StopRequests:
         self.start = time.monotonic()
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def install(self) -> bool:
         """Catch the stop signals (main thread only; elsewhere the default stays).
-        Installing twice is a no-op."""
+        Returns whether this call installed them (False if they already were)."""
         if self._previous:
-            return
+            return False
         for sig in SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
-                return
+                return bool(self._previous)
+        return True
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
@@ -57,6 +58,12 @@ class StopRequests:
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGTERM:
+            # A second SIGTERM (a launcher tearing the job down, torchrun after a peer
+            # failed) means now: the default action, as if nothing were caught.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signum = signum
 
     def local_reason(self) -> int:

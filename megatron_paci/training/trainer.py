@@ -342,8 +342,7 @@ class Trainer:
         return min(candidates)
 
     def train(self) -> Progress:
-        cfg, t = self.cfg, self.cfg.train
-        ps = self.pstate
+        cfg, ps = self.cfg, self.pstate
         self._write_run_files()
         self._print(format_config(cfg))
         self._print(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters on this stage, "
@@ -368,7 +367,17 @@ class Trainer:
             self._print(f"pipeline: {self.schedule.title} uses an untied output layer "
                         "(model.tie_embeddings ignored): keeping a tied copy in sync would "
                         "need a first/last-stage all-reduce at every step")
-        self.stops.install()
+        # Handlers this call installs are removed when it returns (a trainer used from a
+        # library or a test must not leave SIGTERM caught); the launcher's stay.
+        installed_here = self.stops.install()
+        try:
+            return self._train()
+        finally:
+            if installed_here:
+                self.stops.uninstall()
+
+    def _train(self) -> Progress:
+        cfg, t = self.cfg, self.cfg.train
         self.maybe_resume()
         if self.progress.iteration >= t.iters:
             self._print(f"nothing to do: already at iteration {self.progress.iteration} "

@@ -4,7 +4,7 @@ import json
 import os
 
 import matplotlib.image as mpimg
-from conftest import run_cli, tiny_overrides
+from conftest import ROOT, run_cli, tiny_overrides
 
 
 def losses(run_dir):
@@ -134,8 +134,6 @@ def _ranks_as_srun_starts_them(args, world, env=None):
     import socket
     import subprocess
     import sys
-
-    from conftest import ROOT
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

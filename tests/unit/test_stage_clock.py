@@ -86,3 +86,13 @@ def test_version_rows_kept_only_for_the_dump(tmp_path, dump):
         assert len(csv.splitlines()) == 1 + ITERS * MICRO_BATCHES
     else:
         assert tel.versions == {}
+
+
+def test_an_in_process_training_run_leaves_the_signal_handlers_as_they_were(tmp_path):
+    """Trainer.train catches SIGTERM/SIGUSR1 only while it runs: a library or test caller
+    keeps its default handlers (multiprocessing's terminate relies on SIGTERM)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    _trained(tmp_path)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
