@@ -16,7 +16,9 @@ import os
 import sys
 import traceback
 
-from megatron_paci.checkpoint.integrity import CheckpointError  # (no DCP import: --print stays fast)
+from megatron_paci.checkpoint.integrity import (
+    CheckpointError,  # (no DCP import: --print stays fast)
+)
 from megatron_paci.config import ConfigError, format_config, parse_args
 from megatron_paci.parallel.state import (
     ParallelConfigError,
