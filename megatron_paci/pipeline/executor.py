@@ -130,11 +130,7 @@ class PipelineExecutor:
         self.keep_versions = keep_versions or verify_versions
         self.stage = pstate.pipeline_rank
         self.stages = pstate.pipeline_size
-        self.first = pstate.is_first_stage
-        self.last = pstate.is_last_stage
         self.ranks = pstate.pipeline_ranks
-        self.prev_rank = self.ranks[self.stage - 1] if not self.first else None
-        self.next_rank = self.ranks[self.stage + 1] if not self.last else None
         self.telemetry = Telemetry(stage=self.stage)
         self._pending_sends: list[tuple[Any, torch.Tensor]] = []
         self._held: tuple[torch.Tensor, int] | None = None  # a send not posted yet

@@ -1,6 +1,6 @@
 """Turn schedule action lists into a timeline: makespan, bubble, in-flight count, a PNG.
 
-The simulator runs exactly the lists ``build_schedule`` gives the executor, with per-action
+The simulator runs exactly the lists a schedule's spec gives the executor, with per-action
 costs instead of real compute, so measured forward/backward times can be projected to
 pipeline depths we cannot run (``project``). Run as a script to print a table and draw the
 timeline::
