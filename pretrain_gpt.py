@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 from megatron_paci.checkpoint.integrity import (
@@ -21,6 +22,7 @@ from megatron_paci.checkpoint.integrity import (
 )
 from megatron_paci.config import ConfigError, format_config, parse_args
 from megatron_paci.parallel.state import (
+    FAIL_WAIT_S,
     ParallelConfigError,
     fail_on_all_ranks,
     initialize,
@@ -28,6 +30,7 @@ from megatron_paci.parallel.state import (
     world_from_env,
 )
 from megatron_paci.training.layout import validate_layout
+from megatron_paci.training.numerics import TrainingDiverged
 from megatron_paci.training.preemption import StopRequests
 
 
@@ -103,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         # A checkpoint that does not fit this run: every rank reached the same verdict.
         fail_on_all_ranks(str(e))
+    except TrainingDiverged as e:
+        # Too many skipped updates in a row: one line per stage that stopped (one for
+        # the run when skips are decided globally); exit 1, a failure, not bad input.
+        if e.report:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            time.sleep(FAIL_WAIT_S)  # let the reporting rank print before torchrun stops it
+        return 1
     except Exception as e:
         # The traceback above says where; this line says which rank and why, which
         # is what a reader of 64 interleaved logs needs first.

@@ -244,7 +244,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1")
     for key in ("train.iters", "checkpoint.interval", "train.eval_interval", "train.eval_iters",
                 "train.exit_interval", "train.exit_check_interval", "train.sample_tokens",
-                "checkpoint.keep_last"):
+                "checkpoint.keep_last", "train.max_consecutive_skips"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0")
@@ -283,6 +283,10 @@ def validate(cfg: Config) -> None:
         v = getattr(getattr(cfg, section), name, 0.0)
         if not math.isfinite(v) or v < 0:
             raise ConfigError(f"config key '{key}' must be a finite number >= 0, got {v}")
+    f = t.loss_spike_factor
+    if not math.isfinite(f) or (f != 0 and f <= 1):
+        raise ConfigError("config key 'train.loss_spike_factor' must be 0 (off) or a finite "
+                          f"number > 1, got {f}")
     if m.make_vocab_size_divisible_by < 1:
         raise ConfigError("config key 'model.make_vocab_size_divisible_by' must be >= 1, got "
                           f"{m.make_vocab_size_divisible_by}")

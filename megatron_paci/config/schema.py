@@ -59,6 +59,12 @@ class TrainConfig:
     # the run has anyway: evaluation, checkpoints, exit_interval).
     exit_check_interval: int = 0
     exit_duration_mins: float = 0.0  # save and stop once the run has lasted this long
+    # Stop with an error after this many updates in a row skipped for a non-finite
+    # gradient (or a loss spike) on one stage; 0 keeps skipping.
+    max_consecutive_skips: int = 10
+    # Skip the update of a window with a micro-batch loss above this many times the
+    # running mean of the last 100 windows (0 = off; counts as a skip).
+    loss_spike_factor: float = 0.0
     sample_prompt: str = ""  # text generated from at the end of training
     sample_tokens: int = 0  # 0 = no sample
 

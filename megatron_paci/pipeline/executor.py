@@ -112,6 +112,7 @@ class PipelineExecutor:
         record_events: bool = False,
         verify_versions: bool = False,
         keep_versions: bool = True,
+        loss_factor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -128,6 +129,9 @@ class PipelineExecutor:
         self.record_events = record_events
         self.verify_versions = verify_versions
         self.keep_versions = keep_versions or verify_versions
+        # Last stage: a device-side factor on each micro-batch loss before its backward
+        # (the trainer's loss-spike guard: NaN for a spike, so every stage skips).
+        self.loss_factor = loss_factor
         self.stage = pstate.pipeline_rank
         self.stages = pstate.pipeline_size
         self.ranks = pstate.pipeline_ranks
@@ -303,6 +307,8 @@ class PipelineExecutor:
             loss = out.float().mean()
             losses[j] = loss.detach()
             out = loss * scale
+            if self.loss_factor is not None:
+                out = out * self.loss_factor(loss)
         in_flight[key] = _InFlight(hidden, out)
         self.telemetry.peak_in_flight = max(self.telemetry.peak_in_flight, len(in_flight))
         self._event("F", action, start)

@@ -52,6 +52,12 @@ from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token
 from megatron_paci.training.generate import sample
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
+from megatron_paci.training.numerics import (
+    LossSpikeGuard,
+    SkipCounter,
+    TrainingDiverged,
+    save_blockers,
+)
 from megatron_paci.training.preemption import (
     EXIT_REQUEUE,
     StopRequests,
@@ -181,6 +187,14 @@ class Trainer:
             tied = (self.model.embedding.word_embeddings.weight if self.stage.pre_process
                     else self.model.output_layer.weight)
             tied.pipeline_shared_copy = not self.stage.pre_process
+        # Skips are decided over the whole model under a global step (one report for the
+        # run), per stage otherwise (one report per stage).
+        self.skips = SkipCounter(
+            t.max_consecutive_skips, ps.pipeline_rank, self.schedule.global_step,
+            report=(self.log_enabled if self.schedule.global_step
+                    else ps.tensor_rank == 0 and ps.data_rank == 0))
+        self.spike_guard = (LossSpikeGuard(t.loss_spike_factor, self.device)
+                            if t.loss_spike_factor > 0 and self.stage.post_process else None)
         self.optimizer = Optimizer(self.model, cfg.optim, ps,
                                    clip_across_pipeline=self.schedule.global_step,
                                    kernels=self.kernels)
@@ -201,6 +215,7 @@ class Trainer:
             record_events=cfg.pipeline.timeline,
             verify_versions=cfg.pipeline.verify_versions,
             keep_versions=cfg.pipeline.dump_versions,
+            loss_factor=self.spike_guard.multiplier if self.spike_guard else None,
         )
 
     def _check_kernels(self) -> list[str]:
@@ -257,7 +272,17 @@ class Trainer:
             model_tied=self.model.cfg.tie_embeddings,
             head_choice=self.cfg.checkpoint.untied_head, log=self._print)
 
-    def save(self) -> str:
+    def save(self) -> str | None:
+        """Write a checkpoint at this drain, unless the state is not one to resume from
+        (then the checkpoints already written stay, and keep-last rotates none out)."""
+        tensors = list(self.model.parameters()) + list(self.optimizer.state_by_name().values())
+        non_finite, skipping = save_blockers(tensors, self.skips.streak, self.device)
+        if non_finite or skipping:
+            why = ("a weight or optimizer moment is not finite" if non_finite else
+                   "the last update was skipped for a non-finite gradient or a loss spike")
+            self._print(f"not saving a checkpoint at iteration {self.progress.iteration}: "
+                        f"{why} on some rank; the checkpoints already written stay")
+            return None
         test_signal_hook(self.progress.iteration, self.pstate.rank, "save")
         path = self._checkpoint().save(self.ckpt_root, self.progress.iteration,
                                        to_yaml(self.cfg), self.cfg.checkpoint.keep_last,
@@ -273,6 +298,7 @@ class Trainer:
         self.progress = Progress(meta["iteration"], meta["consumed_samples"],
                                  meta.get("skipped_iters", 0))
         self.lr_schedule.load_state_dict(meta["lr_schedule"])
+        self.skips.total = self.progress.skipped_iters
         self._truncate_metrics(self.progress.iteration)
         self._print(f"resumed from {path} at iteration {self.progress.iteration}, "
                     f"{self.progress.consumed_samples} samples consumed")
@@ -372,6 +398,12 @@ class Trainer:
         installed_here = self.stops.install()
         try:
             return self._train()
+        except TrainingDiverged:
+            # What was logged and saved so far stays readable: an asynchronous save
+            # completes, metrics are flushed.
+            wait_for_pending_save()
+            self.metrics.close()
+            raise
         finally:
             if installed_here:
                 self.stops.uninstall()
@@ -430,6 +462,7 @@ class Trainer:
         p.consumed_samples += t.global_batch_size
         test_signal_hook(k, self.pstate.rank)
         p.skipped_iters += int(skipped)
+        self._count_skip(k, loss, norm, skipped)
         self._window_rows.append((loss, norm, comm.STATS.snapshot()))
         comm.STATS.reset()
         if p.iteration % cfg.logging.interval == 0 or p.iteration == self._next_drain(k - 1):
@@ -440,6 +473,27 @@ class Trainer:
                                 t.global_batch_size * cfg.model.seq_length,
                                 now - self._run_start)
             self._window_rows, self._window_start = [], time.perf_counter()
+
+    def _count_skip(self, k: int, loss: float | None, norm: float, skipped: bool) -> None:
+        """Log a skipped update where it happened; stop after too many in a row
+        (TrainingDiverged). A finite, unskipped window loss joins the spike guard's mean."""
+        guard = self.spike_guard
+        if not skipped:
+            if guard is not None and loss is not None and math.isfinite(loss):
+                guard.observe(loss)
+            self.skips.record(k, False, "")
+            return
+        if loss is not None and not math.isfinite(loss):
+            why = f"non-finite loss ({loss})"
+        elif loss is not None and guard is not None and guard.mean() is not None:
+            why = (f"loss spike (a micro-batch loss above train.loss_spike_factor="
+                   f"{guard.factor:g} x the running mean {guard.mean():.4f}; window loss "
+                   f"{loss:.4f})")
+        else:
+            why = f"non-finite gradient norm ({norm})"
+        line = self.skips.record(k, True, why)
+        if line and self.skips.report:
+            print(line, flush=True)
 
     def _log_pipeline(self) -> None:
         """At a drain: versions each stage saw, gathered to the logging rank."""
