@@ -326,6 +326,13 @@ class IndexedDataset:
             return [self.get(j) for j in range(*i.indices(len(self)))]
         return self.get(i)
 
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the `.bin` in file order (which the checks make exactly the
+        sequences back to back), without copying."""
+        if not self._bin_buf.size:
+            return np.empty(0, dtype=self._read_dtype)
+        return np.frombuffer(self._bin_buf, dtype=self._read_dtype)
+
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens `[offset, offset + length)` of sequence `i`, without copying."""
         n = len(self)
