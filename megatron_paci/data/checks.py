@@ -78,14 +78,17 @@ def _write_cached(directories: list[str], prefix: str, key: dict, lo: float, hi:
               "min": lo, "max": hi}
     for directory in directories:
         path = token_range_cache_path(prefix, directory)
+        tmp = None
         try:
             os.makedirs(directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(record, f)
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # atomic: ranks scanning at once never see half a file
             return
         except OSError:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
             continue  # a cache only saves time; the next directory, or none
 
 
