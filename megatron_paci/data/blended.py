@@ -55,6 +55,12 @@ def build_blending_indices(weights: list[float], size: int) -> tuple[np.ndarray,
     return np.array(chosen, dtype=np.int16), np.array(within, dtype=np.int64)
 
 
+def _describe(ds: Any) -> str:
+    """A child's prefix and split when it has them (a GPTDataset does), else its type."""
+    parts = [str(getattr(ds, a)) for a in ("prefix", "name") if hasattr(ds, a)]
+    return " ".join(parts) or type(ds).__name__
+
+
 class BlendedDataset(torch.utils.data.Dataset):
     """`size` samples drawn from `datasets` in proportion to `weights`."""
 
@@ -69,10 +75,12 @@ class BlendedDataset(torch.utils.data.Dataset):
         )
         needed = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for d, (ds, need) in enumerate(zip(self.datasets, needed, strict=True)):
+            if ds is None:
+                raise ValueError(f"dataset {d} of the blend is missing (None)")
             if need > len(ds):
                 raise ValueError(
-                    f"dataset {d} ({getattr(ds, 'name', type(ds).__name__)}) has {len(ds)} "
-                    f"samples but its weight {self.weights[d]:.4g} of {self.size} needs {need}"
+                    f"dataset {d} ({_describe(ds)}) has {len(ds)} samples but its weight "
+                    f"{self.weights[d]:.4g} of {self.size} needs {need}"
                 )
 
     def __len__(self) -> int:

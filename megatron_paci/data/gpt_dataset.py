@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from megatron_paci.data.blended import BlendedDataset
+from megatron_paci.data.checks import DataError, check_token_ids
 from megatron_paci.data.indexed_dataset import (
     IndexedDataset,
     data_file_path,
@@ -36,6 +37,8 @@ SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_ALGORITHM_VERSION = "1"
 # Megatron asks each blended child for 0.5% more samples than its share, as slack.
 _BLEND_OVERSAMPLE = 1.005
+# A split repeated more often than this is worth a warning: the run sees little new text.
+MANY_EPOCHS = 10
 
 
 def parse_split(split: str) -> list[float]:
@@ -198,6 +201,39 @@ def _save_atomic(path: str, array: np.ndarray) -> None:
         raise
 
 
+_VALIDATE_CHUNK = 1 << 22  # rows per vectorised pass when checking a cached index
+
+
+def _chunked_range(arr: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a memory-mapped array, read a bounded piece at a time."""
+    lo, hi = None, None
+    for start in range(0, arr.shape[0], _VALIDATE_CHUNK):
+        part = np.asarray(arr[start : start + _VALIDATE_CHUNK])
+        lo = int(part.min()) if lo is None else min(lo, int(part.min()))
+        hi = int(part.max()) if hi is None else max(hi, int(part.max()))
+    return (0, -1) if lo is None else (lo, hi)
+
+
+def _sample_index_problem(
+    sample_index: np.ndarray, document_index: np.ndarray, document_sizes: np.ndarray
+) -> str | None:
+    """Rows 1.. must point at real tokens, in stream order."""
+    prev = 0
+    for start in range(1, sample_index.shape[0], _VALIDATE_CHUNK):
+        rows = np.asarray(sample_index[start : start + _VALIDATE_CHUNK])
+        pos, off = rows[:, 0], rows[:, 1]
+        if int(pos.min()) < prev or np.any(np.diff(pos) < 0):
+            return "not in stream order (positions decrease)"
+        if int(pos.max()) >= document_index.shape[0]:
+            return (f"pointing at document index position {int(pos.max())}, past its "
+                    f"{document_index.shape[0]} entries")
+        sizes = document_sizes[np.asarray(document_index[pos])]
+        if int(off.min()) < 0 or np.any(off >= sizes):
+            return "pointing at token offsets outside their documents"
+        prev = int(pos[-1])
+    return None
+
+
 def _fallback_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "megatron_paci_index_cache")
 
@@ -241,10 +277,34 @@ class GPTDataset(torch.utils.data.Dataset):
         if self.documents.min() < 0 or self.documents.max() >= num_docs:
             raise ValueError(f"{name}: document ids must lie in [0, {num_docs}) for {prefix}")
         self.tokens_per_epoch = int(self.document_sizes[self.documents].sum())
-        if self.tokens_per_epoch == 0:
-            raise ValueError(f"{name}: the documents of {prefix} hold no tokens")
+        self._check_corpus_size()
 
         self.document_index, self.sample_index, self.shuffle_index = self._load_or_build(cache_dir)
+
+    def _check_corpus_size(self) -> None:
+        """Refuse a split shorter than one sample; warn when it must repeat many times.
+
+        Megatron would repeat a corpus of 10 tokens hundreds of times to fill samples
+        of 2049, which trains on nothing but repetition and says nothing.
+        """
+        need = self.seq_length + 1
+        what = (f"{self.prefix}: the {self.name} split ({self.documents.size} documents, "
+                f"{self.tokens_per_epoch} tokens)")
+        if self.tokens_per_epoch < need:
+            raise DataError(
+                f"{what} is shorter than one sample of seq_length {self.seq_length}, which "
+                f"needs {need} tokens; give more data, a larger share of it to {self.name} "
+                "in data.split, or a shorter model.seq_length"
+            )
+        epochs = get_num_epochs(self.tokens_per_epoch, self.seq_length, self.num_samples)
+        if epochs > MANY_EPOCHS:
+            warnings.warn(
+                f"{what} holds {(self.tokens_per_epoch - 1) // self.seq_length} samples of "
+                f"{need} tokens; the {self.num_samples} samples asked for repeat it "
+                f"{epochs} times",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- index construction and caching -------------------------------------------------
 
@@ -268,6 +328,56 @@ class GPTDataset(torch.utils.data.Dataset):
     def _cache_paths(self, directory: str) -> dict[str, str]:
         stem = f"{os.path.basename(self.prefix)}_{self.name}_{self._cache_key()}"
         return {kind: os.path.join(directory, f"{stem}_{kind}.npy") for kind in _CACHE_KINDS}
+
+    def _load_cached(self, paths: dict[str, str]) -> tuple[np.ndarray, ...] | None:
+        """The three cached indices, or None (with a warning naming the file) when one is
+        unreadable or does not fit this dataset: truncated, overwritten, another shape."""
+        loaded = []
+        for kind in _CACHE_KINDS:
+            try:
+                arr = np.load(paths[kind], mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as err:
+                problem = f"unreadable: {err}"
+            else:
+                loaded.append(arr)
+                problem = self._cached_problem(kind, loaded)
+            if problem:
+                warnings.warn(
+                    f"index cache {paths[kind]} is {problem}; rebuilding it",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return None
+        return tuple(loaded)
+
+    def _cached_problem(self, kind: str, loaded: list[np.ndarray]) -> str | None:
+        """Why the last of `loaded` (document, sample, shuffle index, in that order) cannot
+        be this dataset's `kind` index; None when it can. Shapes against the sizes the
+        build would give, values against the ranges later lookups index with."""
+        arr = loaded[-1]
+        epochs = get_num_epochs(self.tokens_per_epoch, self.seq_length, self.num_samples)
+        total = (epochs * self.tokens_per_epoch - 1) // self.seq_length
+        shape = {
+            "document_index": (epochs * self.documents.size,),
+            "sample_index": (total + 1, 2),
+            "shuffle_index": (total,),
+        }[kind]
+        if arr.dtype != np.int64 or arr.shape != shape:
+            return f"{arr.dtype} of shape {arr.shape}, expected int64 of shape {shape}"
+        if kind == "document_index":
+            lo, hi = _chunked_range(arr)
+            ok_lo, ok_hi = int(self.documents.min()), int(self.documents.max())
+            if arr.size and (lo < ok_lo or hi > ok_hi):
+                return f"holding documents {lo}..{hi}, expected ids in {ok_lo}..{ok_hi}"
+        elif kind == "sample_index":
+            if arr[0].tolist() != [0, 0]:
+                return f"starting at {arr[0].tolist()}, expected [0, 0]"
+            return _sample_index_problem(arr, loaded[0], self.document_sizes)
+        else:
+            lo, hi = _chunked_range(arr)
+            if arr.size and (lo < 0 or hi >= total):
+                return f"holding samples {lo}..{hi}, expected 0..{total - 1}"
+        return None
 
     def _build(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         num_epochs = get_num_epochs(self.tokens_per_epoch, self.seq_length, self.num_samples)
@@ -295,12 +405,10 @@ class GPTDataset(torch.utils.data.Dataset):
         for directory in search:
             paths = self._cache_paths(directory)
             if all(os.path.isfile(p) for p in paths.values()):
-                try:
-                    loaded = tuple(np.load(paths[k], mmap_mode="r") for k in _CACHE_KINDS)
-                except (OSError, ValueError):
-                    continue  # unreadable: rebuild below
-                self.cache_paths = paths
-                return loaded
+                loaded = self._load_cached(paths)
+                if loaded is not None:
+                    self.cache_paths = paths
+                    return loaded
 
         arrays = self._build()
         for directory in dict.fromkeys([primary, fallback]):
@@ -458,12 +566,17 @@ def build_gpt_datasets(
     seed: int,
     num_samples: tuple[int, int, int],
     cache_dir: str | None = None,
+    vocab_size: int | None = None,
+    vocab_source: str = "the tokenizer",
+    progress: bool = False,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """Train/valid/test datasets; several prefixes are blended by their weights.
 
     Each prefix is split by documents on its own; a blended split asks every child
     for ceil(w * n * 1.005) samples, as Megatron does. Splits with no documents or no
-    requested samples are None.
+    requested samples are None. With `vocab_size`, every prefix's token ids must lie
+    in [0, vocab_size) (`vocab_source` names that vocabulary in the error; `progress`
+    shows a bar while a large `.bin` is scanned for the first time).
     """
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples!r}")
@@ -474,6 +587,9 @@ def build_gpt_datasets(
 
     active = [(p, w) for p, w in zip(prefixes, weights, strict=True) if w > 0]
     indexed = {p: IndexedDataset(p) for p, _ in active}
+    if vocab_size is not None:
+        for p in indexed.values():
+            check_token_ids(p, vocab_size, vocab_source, cache_dir, progress)
     ranges = {
         p: split_document_ranges(len(indexed[p].document_indices) - 1, split) for p, _ in active
     }

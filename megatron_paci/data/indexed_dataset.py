@@ -170,6 +170,59 @@ class IndexedDatasetBuilder:
             f.write(docs.astype("<i8").tobytes(order="C"))
 
 
+def _preview(values: np.ndarray, n: int = 6) -> str:
+    head = ", ".join(str(int(v)) for v in values[:n])
+    return f"[{head}{', ...' if values.size > n else ''}] ({values.size} values)"
+
+
+_CHECK_CHUNK = 1 << 22  # elements per vectorised pass, so a huge index costs bounded memory
+
+
+def _check_bin_layout(
+    idx_path: str,
+    bin_path: str,
+    bin_size: int,
+    lengths: np.ndarray,
+    pointers: np.ndarray,
+    itemsize: int,
+) -> None:
+    """The `.bin` must be exactly the sequences back to back, as every writer lays it out.
+
+    Pointers that skip, overlap or run past the end, and a `.bin` with bytes no
+    sequence covers, all mean the two files do not belong together.
+    """
+    if bin_size % itemsize:
+        raise IndexFormatError(
+            f"{bin_path}: {bin_size} bytes is not a whole number of {itemsize}-byte tokens "
+            f"({idx_path} says the tokens are {itemsize} bytes each; truncated?)"
+        )
+    expected = 0  # byte offset the next sequence must start at
+    for start in range(0, lengths.size, _CHECK_CHUNK):
+        sizes = lengths[start : start + _CHECK_CHUNK].astype(np.int64) * itemsize
+        ptrs = pointers[start : start + _CHECK_CHUNK]
+        want = expected + np.concatenate(([0], np.cumsum(sizes[:-1])))
+        bad = np.flatnonzero(ptrs != want)
+        if bad.size:
+            i = int(bad[0])
+            raise IndexFormatError(
+                f"{idx_path}: sequence {start + i} starts at byte {int(ptrs[i])} of "
+                f"{bin_path}, expected {int(want[i])} (the sequences before it end there); "
+                "the index does not describe this .bin"
+            )
+        expected = int(want[-1] + sizes[-1])
+    if bin_size < expected:
+        raise IndexFormatError(
+            f"{bin_path}: expected {expected} bytes as {idx_path} describes "
+            f"({expected // itemsize} tokens), file has {bin_size} (truncated?)"
+        )
+    if bin_size > expected:
+        raise IndexFormatError(
+            f"{bin_path}: expected {expected} bytes as {idx_path} describes "
+            f"({expected // itemsize} tokens), file has {bin_size - expected} bytes more "
+            "(the .idx is from another run, or the .bin was appended to)"
+        )
+
+
 class IndexedDataset:
     """Read-only view of a `.bin`/`.idx` pair, validated up front and memory-mapped."""
 
@@ -211,7 +264,17 @@ class IndexedDataset:
         if idx_size < expected:
             raise IndexFormatError(
                 f"{idx_path}: expected at least {expected} bytes for {num_seqs} sequences "
-                f"and {num_docs} document boundaries, file has {idx_size}"
+                f"and {num_docs} document boundaries, file has {idx_size} (truncated?)"
+            )
+        if idx_size > expected:
+            raise IndexFormatError(
+                f"{idx_path}: expected {expected} bytes for {num_seqs} sequences and "
+                f"{num_docs} document boundaries, file has {idx_size - expected} bytes more "
+                "(not written by one indexed-dataset writer?)"
+            )
+        if num_docs < 1:
+            raise IndexFormatError(
+                f"{idx_path}: expected at least one document boundary (the leading 0), found 0"
             )
 
         self.dtype = np.dtype(DTYPE_CODES[code])
@@ -224,26 +287,18 @@ class IndexedDataset:
         docs = np.frombuffer(idx_buf, dtype="<i8", count=num_docs, offset=offset)
 
         if num_seqs and int(lengths.min()) < 0:
-            raise IndexFormatError(f"{idx_path}: expected non-negative sequence lengths")
-        if num_docs and (
-            int(docs.min()) < 0 or int(docs.max()) > num_seqs or np.any(np.diff(docs) < 0)
-        ):
+            first = int(np.argmax(lengths < 0))
             raise IndexFormatError(
-                f"{idx_path}: expected non-decreasing document boundaries within [0, {num_seqs}]"
+                f"{idx_path}: expected non-negative sequence lengths, sequence {first} has "
+                f"{int(lengths[first])}"
             )
-
+        if int(docs[0]) != 0 or int(docs[-1]) != num_seqs or np.any(np.diff(docs) < 0):
+            raise IndexFormatError(
+                f"{idx_path}: expected document boundaries rising from 0 to the {num_seqs} "
+                f"sequences, found {_preview(docs)}"
+            )
         bin_size = os.path.getsize(bin_path)
-        itemsize = self.dtype.itemsize
-        needed = 0
-        if num_seqs:
-            needed = int(np.max(pointers + lengths.astype(np.int64) * itemsize))
-            if int(pointers.min()) < 0:
-                raise IndexFormatError(f"{idx_path}: expected non-negative sequence pointers")
-        if bin_size < needed:
-            raise IndexFormatError(
-                f"{bin_path}: expected at least {needed} bytes as {idx_path} describes, "
-                f"file has {bin_size} (truncated?)"
-            )
+        _check_bin_layout(idx_path, bin_path, bin_size, lengths, pointers, self.dtype.itemsize)
 
         self._idx_buf = idx_buf
         self.sequence_lengths = lengths
@@ -270,6 +325,13 @@ class IndexedDataset:
         if isinstance(i, slice):
             return [self.get(j) for j in range(*i.indices(len(self)))]
         return self.get(i)
+
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the `.bin` in file order (which the checks make exactly the
+        sequences back to back), without copying."""
+        if not self._bin_buf.size:
+            return np.empty(0, dtype=self._read_dtype)
+        return np.frombuffer(self._bin_buf, dtype=self._read_dtype)
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens `[offset, offset + length)` of sequence `i`, without copying."""

@@ -141,6 +141,10 @@ class Trainer:
         self.train_ds, self.valid_ds, _ = build_gpt_datasets(
             cfg.data.path, cfg.data.split, cfg.model.seq_length, t.seed,
             (t.iters * t.global_batch_size, eval_samples, 0), cfg.data.cache_dir,
+            # The tokenizer's vocabulary, not the padded one: ids in the padding are as
+            # wrong (no text maps to them), and ids past it are what crashed step 1.
+            vocab_size=self.tokenizer.vocab_size,
+            vocab_source=f"data.tokenizer={cfg.data.tokenizer}", progress=self.log_enabled,
         )
         if self.train_ds is None:
             raise ConfigError(f"data.split={cfg.data.split} leaves no training data")

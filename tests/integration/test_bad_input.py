@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 from conftest import run_cli, tiny_overrides
 
@@ -51,6 +52,27 @@ def test_corrupt_dataset(text_dataset, tmp_path, damage):
             f.truncate(size // 2)
         needles = [ds + ".bin"]
     launch_fails(tiny_overrides(ds, tok, tmp_path / "run"), tmp_path / "run", *needles)
+
+
+def test_token_id_beyond_the_vocabulary(text_dataset, tmp_path):
+    """One damaged token: refused before step 1 (it used to stop it with a traceback)."""
+    prefix, tok = text_dataset
+    ds = copy_dataset(prefix, tmp_path)
+    tokens = np.fromfile(ds + ".bin", dtype="<u2")
+    assert tokens.size > 1000 and tokens.max() < 512  # the tokenizer's vocabulary
+    with open(ds + ".bin", "r+b") as f:
+        f.seek(2 * 1000)
+        f.write(np.array([9999], dtype="<u2").tobytes())
+    run = tmp_path / "run"
+    r = run_cli(["pretrain_gpt.py", *tiny_overrides(ds, tok, run)])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    for needle in (ds + ".bin", "max token id 9999", f"data.tokenizer={tok}",
+                   "vocabulary of 512", "at token 1000"):
+        assert needle in errors[0], (needle, errors[0])
+    assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
 
 
 def test_tokenizer_larger_than_model_vocab(text_dataset, tmp_path):
