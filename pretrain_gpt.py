@@ -21,6 +21,8 @@ from megatron_paci.checkpoint.integrity import (
     CheckpointError,  # (no DCP import: --print stays fast)
 )
 from megatron_paci.config import ConfigError, format_config, parse_args
+from megatron_paci.parallel import liveness
+from megatron_paci.parallel.comm import CommError
 from megatron_paci.parallel.state import (
     FAIL_WAIT_S,
     ParallelConfigError,
@@ -29,6 +31,7 @@ from megatron_paci.parallel.state import (
     shutdown,
     world_from_env,
 )
+from megatron_paci.pipeline.executor import PipelineError
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.numerics import TrainingDiverged
 from megatron_paci.training.preemption import StopRequests
@@ -115,12 +118,19 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(FAIL_WAIT_S)  # let the reporting rank print before torchrun stops it
         return 1
     except Exception as e:
-        # The traceback above says where; this line says which rank and why, which
-        # is what a reader of 64 interleaved logs needs first.
-        traceback.print_exc()
-        print(f"error: rank {pstate.rank} (tp {pstate.tensor_rank}, dp {pstate.data_rank}, "
-              f"pp {pstate.pipeline_rank}) stopped: {type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
+        # A failed collective or pipeline receive already names the operation and the
+        # peers; anything else gets its traceback (it says where) and the peers' state.
+        # This line says which rank and why: what a reader of 64 interleaved logs needs.
+        known = isinstance(e, (CommError, PipelineError))
+        if not known:
+            traceback.print_exc()
+        text = str(e).splitlines()[0] if str(e) else ""
+        peers = "" if known else liveness.explain()
+        line = (f"rank {pstate.rank} (tp {pstate.tensor_rank}, dp {pstate.data_rank}, "
+                f"pp {pstate.pipeline_rank}) stopped: {type(e).__name__}: {text}"
+                + (f"; {peers}" if peers and peers != liveness.ALL_ALIVE else ""))
+        liveness.record_failure(line)
+        print(f"error: {line}", file=sys.stderr, flush=True)
         return 1
     shutdown()
     # 0, or EXIT_REQUEUE (75) after saving for a preemption signal or a time limit:

@@ -134,8 +134,7 @@ class DistributedOptimizer:
                 self.param_buffer[bucket.start:bucket.end], p.clone(), self.dp_group, "dp",
                 async_op=True))
         for w in works:
-            if w is not None:
-                w.wait()
+            comm.wait(w, "the ZeRO-1 parameter all-gather", self.dp_group, "dp")
         self._copy_back()
 
     def _copy_back(self) -> None:

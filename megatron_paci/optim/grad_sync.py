@@ -185,8 +185,7 @@ class GradBuffer:
             if not bucket.launched:
                 self._launch(bucket)
         for bucket in self.buckets:
-            if bucket.handle is not None:
-                bucket.handle.wait()
+            comm.wait(bucket.handle, "the gradient reduction", self.dp_group, "dp")
             if self.dp_size > 1:
                 if self.reduce_scatter:
                     lo, hi = self.shard_range(bucket)
@@ -199,8 +198,8 @@ class GradBuffer:
     def zero_grad(self) -> None:
         """Zero every ``main_grad`` and forget which hooks fired."""
         for bucket in self.buckets:
-            if bucket.handle is not None:
-                bucket.handle.wait()  # never zero under an in-flight collective
+            # Never zero under an in-flight collective.
+            comm.wait(bucket.handle, "the gradient reduction", self.dp_group, "dp")
             self._reset(bucket)
         self.buffer.zero_()
         self._hooks_fired = 0

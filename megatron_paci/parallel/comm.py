@@ -14,6 +14,7 @@ nothing, so single-process code runs the same calls.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -47,6 +48,60 @@ _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
                           or dist.reduce_scatter_tensor)
 
 
+class CommError(RuntimeError):
+    """A collective failed: the message names this rank, the operation, the group's ranks
+    and what the liveness heartbeats say about the peers (parallel/liveness.py)."""
+
+
+def failure(what: str, group, kind: str, error: BaseException) -> CommError:
+    """The error to raise when ``what`` over ``group`` failed with ``error``."""
+    from megatron_paci.parallel import liveness
+
+    ranks = (dist.get_process_group_ranks(group) if group is not None
+             else list(range(dist.get_world_size())))
+    first = short_error(error)
+    peers = liveness.explain(ranks)
+    return CommError(f"rank {dist.get_rank()}: {what} over the {kind} group (ranks "
+                     f"{', '.join(map(str, ranks))}) failed: {first}"
+                     + (f"; {peers}" if peers else ""))
+
+
+def short_error(error: BaseException) -> str:
+    """The first line of a gloo/NCCL error without its source location and boilerplate."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first)
+    return first.split(". This is typically caused", 1)[0]
+
+
+def wait(work, what: str, group, kind: str) -> None:
+    """Wait for an asynchronous collective; a failure names the operation and peers."""
+    if work is None:
+        return
+    try:
+        work.wait()
+    except Exception as e:  # gloo: a peer closed or the timeout passed
+        raise failure(what, group, kind, e) from e
+
+
+def _sync(what: str, group, kind: str, fn, /, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # gloo: a peer closed or the timeout passed
+        raise failure(what, group, kind, e) from e
+
+
+def barrier(group, kind: str) -> None:
+    if group_size(group) > 1:
+        _sync("barrier", group, kind, dist.barrier, group=group)
+
+
+def all_reduce_max(t: torch.Tensor, group, kind: str) -> None:
+    """In-place MAX all-reduce (flags every rank must agree on)."""
+    if group_size(group) > 1:
+        _sync("all_reduce (max)", group, kind, dist.all_reduce, t, op=dist.ReduceOp.MAX,
+              group=group)
+
+
 def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -65,7 +120,9 @@ def all_reduce(t: torch.Tensor, group, kind: str, async_op: bool = False):
     if n == 1:
         return None
     STATS.add(kind, 2 * (n - 1) / n * _nbytes(t))
-    return dist.all_reduce(t, group=group, async_op=async_op)
+    if async_op:
+        return dist.all_reduce(t, group=group, async_op=True)
+    return _sync("all_reduce", group, kind, dist.all_reduce, t, group=group)
 
 
 def all_gather(t: torch.Tensor, group, kind: str, dim: int = 0) -> torch.Tensor:
@@ -77,7 +134,7 @@ def all_gather(t: torch.Tensor, group, kind: str, dim: int = 0) -> torch.Tensor:
     out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
     if dim == 0:
         STATS.add(kind, (n - 1) / n * _nbytes(out))
-        _all_gather_single(out, t, group=group)
+        _sync("all_gather", group, kind, _all_gather_single, out, t, group=group)
         return out
     moved = t.movedim(dim, 0).contiguous()
     return all_gather(moved, group, kind, 0).movedim(0, dim).contiguous()
@@ -108,8 +165,10 @@ def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
         raise ValueError(f"reduce_scatter: size {t.shape[0]} along dim 0 not divisible by {n}")
     out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
     STATS.add(kind, (n - 1) / n * _nbytes(t))
-    work = _reduce_scatter_single(out, t, group=group, async_op=async_op)
-    return (out, work) if async_op else out
+    if async_op:
+        return out, _reduce_scatter_single(out, t, group=group, async_op=True)
+    _sync("reduce_scatter", group, kind, _reduce_scatter_single, out, t, group=group)
+    return out
 
 
 # When a list, every point-to-point call appends its ops, [("send" | "recv", peer), ...]:

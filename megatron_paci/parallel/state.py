@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_paci.parallel import liveness
+
 FAIL_WAIT_S = 10.0  # fail_on_all_ranks: how long ranks > 0 under torchrun give rank 0
 
 
@@ -155,31 +157,36 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
             torch.cuda.set_device(cuda_device_index(local_rank))
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+    # Heartbeats in the rendezvous store: a failed operation can then name the rank
+    # that died or froze (liveness.py).
+    liveness.start(rank, world, timeout_s)
     # NCCL: a batched point-to-point call must not be the first collective on its group
     # (torch.distributed.batch_isend_irecv's note), and the pipeline's use the default
     # group: every rank meets here once first.
     dist.barrier()
     tp_rank, dp_rank, pp_rank = rank_coordinates(rank, tensor, data)
+    # Every group waits parallel.timeout_s for a peer (new_group's own default is 30 min).
+    timeout = datetime.timedelta(seconds=timeout_s)
     groups: dict[str, object] = {}
     for dp_i in range(data):
         for pp_i in range(pipeline):
             ranks = [global_rank(t, dp_i, pp_i, tensor, data) for t in range(tensor)]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if (dp_i, pp_i) == (dp_rank, pp_rank):
                 groups["tensor"] = g
     for tp_i in range(tensor):
         for pp_i in range(pipeline):
             ranks = [global_rank(tp_i, d, pp_i, tensor, data) for d in range(data)]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if (tp_i, pp_i) == (tp_rank, pp_rank):
                 groups["data"] = g
     pipeline_ranks: tuple[int, ...] = ()
     for tp_i in range(tensor):
         for dp_i in range(data):
             ranks = [global_rank(tp_i, dp_i, p, tensor, data) for p in range(pipeline)]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             emb_ranks = sorted({ranks[0], ranks[-1]})
-            e = dist.new_group(emb_ranks)
+            e = dist.new_group(emb_ranks, timeout=timeout)
             if (tp_i, dp_i) == (tp_rank, dp_rank):
                 groups["pipeline"], groups["embedding"] = g, e
                 pipeline_ranks = tuple(ranks)
@@ -198,6 +205,7 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
 
 def shutdown() -> None:
     """Leave cleanly: a barrier first avoids gloo aborts at exit (design.md)."""
+    liveness.stop()
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()

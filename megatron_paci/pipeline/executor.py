@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from megatron_paci.parallel import comm
+from megatron_paci.parallel import comm, liveness
 from megatron_paci.parallel.state import ParallelState
 from megatron_paci.pipeline.actions import Action
 from megatron_paci.pipeline.clock import clock_for
@@ -207,9 +206,12 @@ class PipelineExecutor:
             recv_work.wait()
         except Exception as e:  # gloo: peer closed or timed out
             peer_stage = self.ranks.index(peer)
+            first = comm.short_error(e)
+            peers = liveness.explain([peer])
             raise PipelineError(
                 f"stage {self.stage} (rank {self.pstate.rank}) was running {action} and waiting "
-                f"for {what} from stage {peer_stage} (rank {peer}): {e}") from e
+                f"for {what} from stage {peer_stage} (rank {peer}): {first}"
+                + (f"; {peers}" if peers else "")) from e
         self._keep_until_sent(send_works, sends)
         return buf
 
@@ -342,8 +344,7 @@ class PipelineExecutor:
             # The flush is a global barrier: every stage's sends of this window land
             # first, and the wait for the slowest stage is idle time, not step time.
             self._drain_sends()
-            if self.pstate.pipeline_group is not None:
-                dist.barrier(group=self.pstate.pipeline_group)
+            comm.barrier(self.pstate.pipeline_group, "pp")
         start = self.clock.mark()
         self.policy.before_step()
         norm, skipped = self.optimizer.step(self.lr_schedule.lr)
@@ -384,6 +385,7 @@ class PipelineExecutor:
         self.optimizer.zero_grad()
         self._segment_start = self._last_end = self.clock.mark()
         for action in actions:
+            liveness.set_operation(action)
             self._post_held(unless_peer=self._recv_peer(action))
             if action.kind == "F":
                 self._forward(action, batches, in_flight, losses, scale)

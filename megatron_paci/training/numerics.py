@@ -19,6 +19,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
+from megatron_paci.parallel import comm
+
 
 class TrainingDiverged(RuntimeError):
     """``train.max_consecutive_skips`` updates in a row were skipped on one stage.
@@ -109,6 +111,6 @@ def save_blockers(tensors: list[torch.Tensor], streak: int,
     all-reduce of two flags."""
     bad = any(not bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
     flags = torch.tensor([float(bad), float(streak > 0)], device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if dist.is_available() and dist.is_initialized():
+        comm.all_reduce_max(flags, dist.group.WORLD, "world")
     return flags[0].item() > 0, flags[1].item() > 0

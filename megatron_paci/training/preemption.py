@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_paci.parallel import comm
 from megatron_paci.training.exit_codes import EXIT_REQUEUE  # noqa: F401  (75, EX_TEMPFAIL)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -78,8 +79,8 @@ class StopRequests:
         """The strongest reason any rank has (a collective: every rank calls it at the
         same drain)."""
         reason = torch.tensor([float(self.local_reason())], device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(reason, op=dist.ReduceOp.MAX)
+        if dist.is_available() and dist.is_initialized():
+            comm.all_reduce_max(reason, dist.group.WORLD, "world")
         return int(reason.item())
 
 

@@ -39,7 +39,7 @@ from megatron_paci.model.transformer import LayerContext
 from megatron_paci.model.vocab import resolve_vocab_size
 from megatron_paci.optim.lr_schedule import LRSchedule
 from megatron_paci.optim.optimizer import Optimizer
-from megatron_paci.parallel import comm
+from megatron_paci.parallel import comm, liveness
 from megatron_paci.parallel.random import capture_rng, restore_rng, seed_everything
 from megatron_paci.parallel.state import ParallelState, single_process
 from megatron_paci.pipeline.actions import Action
@@ -288,6 +288,8 @@ class Trainer:
                         f"{why} on some rank; the checkpoints already written stay")
             return None
         test_signal_hook(self.progress.iteration, self.pstate.rank, "save")
+        liveness.set_operation(f"the checkpoint save at iteration {self.progress.iteration}",
+                               beat=True)
         path = self._checkpoint().save(self.ckpt_root, self.progress.iteration,
                                        to_yaml(self.cfg), self.cfg.checkpoint.keep_last,
                                        async_save=self.cfg.checkpoint.async_save)
