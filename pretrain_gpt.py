@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         # A checkpoint that does not fit this run: every rank reached the same verdict.
         fail_on_all_ranks(str(e))
-    except Exception as e:
+    except BaseException as e:
+        # Not only Exception: torch.distributed.checkpoint's CheckpointException is a
+        # BaseException, and a rank stopped by one still says so below.
+        if isinstance(e, (SystemExit, KeyboardInterrupt)):
+            raise
         # The traceback above says where; this line says which rank and why, which
         # is what a reader of 64 interleaved logs needs first.
         traceback.print_exc()
