@@ -335,6 +335,8 @@ class Trainer:
                 lock = open_run_dir(self.cfg, self.tokenizer.vocab_size)
             except ConfigError as e:
                 error = e
+            except OSError as e:  # say, run.dir on a read-only or missing mount
+                error = ConfigError(f"run.dir {self.cfg.run.dir}: {e}")
         if any_rank(error is not None, self.device):
             raise error or ConfigError(f"run.dir {self.cfg.run.dir} refused on global rank 0 "
                                        "(its error line says why)")
