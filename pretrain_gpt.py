@@ -22,7 +22,7 @@ from megatron_paci.checkpoint.integrity import (
 )
 from megatron_paci.config import ConfigError, format_config, parse_args
 from megatron_paci.parallel import liveness
-from megatron_paci.parallel.comm import CommError
+from megatron_paci.parallel.comm import CommError, peer_failure
 from megatron_paci.parallel.state import (
     FAIL_WAIT_S,
     ParallelConfigError,
@@ -73,6 +73,22 @@ def _dry_run(cfg, args: argparse.Namespace, source: str) -> int:
     return 0 if fits(plan) else 1
 
 
+def _report_failure(e: BaseException, pstate) -> None:
+    """This rank's ``error:`` line. A failed collective or pipeline receive already names
+    the operation and the peers; anything else gets its traceback (it says where) and
+    the peers' state. What a reader of 64 interleaved logs needs first."""
+    names_peers = isinstance(e, (CommError, PipelineError))
+    if not (names_peers or isinstance(e, CheckpointError)):
+        traceback.print_exc()
+    text = str(e).splitlines()[0] if str(e) else ""
+    peers = "" if names_peers else liveness.explain()
+    line = (f"rank {pstate.rank} (tp {pstate.tensor_rank}, dp {pstate.data_rank}, "
+            f"pp {pstate.pipeline_rank}) stopped: {type(e).__name__}: {text}"
+            + (f"; {peers}" if peers and peers != liveness.ALL_ALIVE else ""))
+    liveness.record_failure(line)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     flags, argv = _dry_run_flags(argv)
     try:
@@ -107,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.train()
     except CheckpointError as e:
-        # A checkpoint that does not fit this run: every rank reached the same verdict.
+        if peer_failure(str(e)):
+            # A save that failed because a peer died or froze: each rank says so.
+            _report_failure(e, pstate)
+            return 1
+        # A checkpoint that does not fit this run, a full disk: every rank reached the
+        # same verdict.
         fail_on_all_ranks(str(e))
     except TrainingDiverged as e:
         # Too many skipped updates in a row: one line per stage that stopped (one for
@@ -117,20 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         elif "TORCHELASTIC_RUN_ID" in os.environ:
             time.sleep(FAIL_WAIT_S)  # let the reporting rank print before torchrun stops it
         return 1
-    except Exception as e:
-        # A failed collective or pipeline receive already names the operation and the
-        # peers; anything else gets its traceback (it says where) and the peers' state.
-        # This line says which rank and why: what a reader of 64 interleaved logs needs.
-        known = isinstance(e, (CommError, PipelineError))
-        if not known:
-            traceback.print_exc()
-        text = str(e).splitlines()[0] if str(e) else ""
-        peers = "" if known else liveness.explain()
-        line = (f"rank {pstate.rank} (tp {pstate.tensor_rank}, dp {pstate.data_rank}, "
-                f"pp {pstate.pipeline_rank}) stopped: {type(e).__name__}: {text}"
-                + (f"; {peers}" if peers and peers != liveness.ALL_ALIVE else ""))
-        liveness.record_failure(line)
-        print(f"error: {line}", file=sys.stderr, flush=True)
+    except BaseException as e:
+        # Not only Exception: torch.distributed.checkpoint's CheckpointException is a
+        # BaseException, and a rank stopped by one still says so below.
+        if isinstance(e, (SystemExit, KeyboardInterrupt)):
+            raise
+        _report_failure(e, pstate)
         return 1
     shutdown()
     # 0, or EXIT_REQUEUE (75) after saving for a preemption signal or a time limit:

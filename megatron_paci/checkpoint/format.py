@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import re
@@ -230,14 +231,18 @@ def save_checkpoint(
             shutil.rmtree(partial)
         os.makedirs(partial)
     _barrier()
-    writer = dcp.FileSystemWriter(partial, sync_files=True)
+    writer = _Writer(partial, sync_files=True)
     rank = _rank()
     if not async_save:
-        with _quiet_single_process():
-            dcp.save(tensors, storage_writer=writer)
+        try:
+            with _quiet_single_process():
+                dcp.save(tensors, storage_writer=writer)
+        except (Exception, CheckpointException) as e:
+            # DCP gathers every rank's failure: each rank raises here alike.
+            raise _save_failed(root, final, partial, e) from e
         # Each rank hashes the shards it just wrote (likely still in page cache),
         # in parallel; rank 0 gathers the digests into the manifest.
-        own = digests(partial, rank_shard_files(partial, rank))
+        own = _own_digests(partial, rank)
         _finalize(root, iteration, partial, final, meta, config_yaml, keep_last, own)
         return final
     if not _distributed():
@@ -247,9 +252,9 @@ def save_checkpoint(
                             no_dist=not _distributed())
     upload = getattr(upload, "upload_completion", upload)
 
-    def written_then_hashed() -> dict[str, dict[str, Any]]:
+    def written_then_hashed() -> dict[str, dict[str, Any]] | str:
         upload.result()
-        return digests(partial, rank_shard_files(partial, rank))
+        return _own_digests(partial, rank)
 
     global _PENDING, _HASHER
     if _HASHER is None:
@@ -269,15 +274,11 @@ def wait_for_pending_save() -> str | None:
     if p is None:
         return None
     try:
-        own, error = p.shard_digests.result(), None
-    except Exception as e:
-        own, error = {}, f"{type(e).__name__}: {_first_line(e)}"
-    errors = [(r, e) for r, e in enumerate(_all_gather(error)) if e]
-    if errors:
-        r, e = errors[0]
-        raise CheckpointError(f"asynchronous save of {p.final} failed on rank {r}: {e} "
-                              f"(left in {p.partial}, which is never loaded)")
-    _finalize(p.root, p.iteration, p.partial, p.final, p.meta, p.config_yaml, p.keep_last, own)
+        own = p.shard_digests.result()
+    except (Exception, CheckpointException) as e:
+        own = _failure_text(e, p.partial)
+    _finalize(p.root, p.iteration, p.partial, p.final, p.meta, p.config_yaml, p.keep_last, own,
+              how="asynchronous save")
     return p.final
 
 
@@ -289,24 +290,141 @@ def _finish_single_process_save() -> None:
 
 
 def _finalize(root: str, iteration: int, partial: str, final: str, meta: dict[str, Any],
-              config_yaml: str, keep_last: int, own: dict[str, dict[str, Any]]) -> None:
-    """Sidecars, then the manifest over every file, then the rename (rank 0)."""
+              config_yaml: str, keep_last: int, own: dict[str, dict[str, Any]] | str,
+              how: str = "save") -> None:
+    """Sidecars, then the manifest over every file, then the rename (rank 0).
+
+    ``own`` is this rank's shard digests, or the text of its failure; a failure on any
+    rank (rank 0's writes here included) is a ``CheckpointError`` on every rank."""
     gathered = _all_gather(own)
-    if _rank() == 0:
-        files = {name: d for per_rank in gathered for name, d in per_rank.items()}
-        meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **meta}
-        _write_text(os.path.join(partial, META_FILE), json.dumps(meta, indent=1))
-        _write_text(os.path.join(partial, CONFIG_FILE), config_yaml)
-        files.update(digests(partial, [DCP_METADATA_FILE, META_FILE, CONFIG_FILE]))
-        write_manifest(partial, files)
-        if os.path.exists(final):
-            _remove(final)
-        os.replace(partial, final)
-        _write_text(os.path.join(root, LATEST_FILE), f"{iteration}\n")
-        if keep_last > 0:
-            for _, old in list_checkpoints(root)[:-keep_last]:
-                _remove(old)
-    _barrier()
+    failed = [(r, why) for r, why in enumerate(gathered) if isinstance(why, str)]
+    renamed, error = False, None
+    if _rank() == 0 and not failed:
+        try:
+            files = {name: d for per_rank in gathered for name, d in per_rank.items()}
+            meta = {"format_version": FORMAT_VERSION, "iteration": iteration, **meta}
+            _write_text(os.path.join(partial, META_FILE), json.dumps(meta, indent=1))
+            _write_text(os.path.join(partial, CONFIG_FILE), config_yaml)
+            files.update(digests(partial, [DCP_METADATA_FILE, META_FILE, CONFIG_FILE]))
+            write_manifest(partial, files)
+            if os.path.exists(final):
+                _remove(final)
+            os.replace(partial, final)
+            renamed = True
+            _write_text(os.path.join(root, LATEST_FILE), f"{iteration}\n")
+            if keep_last > 0:
+                for _, old in list_checkpoints(root)[:-keep_last]:
+                    _remove(old)
+        except OSError as e:
+            error = _failure_text(e, partial)
+            if renamed:
+                error += f" (after {final} was complete and in place)"
+    if not failed:
+        failed = [(0, why) for why in _all_gather(error)[:1] if why]  # also the barrier
+    if failed:
+        rank, why = failed[0]
+        on = f" on rank {rank}" if _world() > 1 else ""
+        raise CheckpointError(_failure_message(root, final, partial, f"{how}{on}", why,
+                                               remove=not renamed))
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, raising an OS error of a write as itself. Inside torch.save's
+    zip writer a full disk becomes "unexpected pos N vs M", with the OSError only as
+    its context, and DCP pickles errors between ranks, which drops that context."""
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        with _os_error_surfaced(self.path):
+            return super().write_data(plan, planner)
+
+    def finish(self, metadata: Any, results: Any) -> None:
+        with _os_error_surfaced(self.path):
+            super().finish(metadata, results)
+
+
+@contextlib.contextmanager
+def _os_error_surfaced(where: Any) -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, cause.filename or str(where)) from e
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The first OSError with an errno in ``e``, its causes and contexts, and the
+    per-rank failures of a DCP ``CheckpointException``."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno:
+            return x
+        todo += [x.__cause__, x.__context__]
+        if isinstance(x, CheckpointException):
+            todo += [exc for exc, _ in x.failures.values()]
+    return None
+
+
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def _failure_text(e: BaseException, partial: str) -> str:
+    """One line for a rank's failed write; a full disk says so, with the file."""
+    cause = _os_error_in(e)
+    if cause is not None and cause.errno in _FULL:
+        return (f"{_FULL[cause.errno]} ({os.strerror(cause.errno)} writing "
+                f"{cause.filename or partial})")
+    if isinstance(e, CheckpointException) and e.failures:
+        _, (exc, _tb) = min(e.failures.items())
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _save_failed(root: str, final: str, partial: str, e: BaseException) -> CheckpointError:
+    rank = ""
+    if isinstance(e, CheckpointException) and e.failures and _world() > 1:
+        rank = f" on rank {min(e.failures)}"
+    return CheckpointError(_failure_message(root, final, partial, f"save{rank}",
+                                            _failure_text(e, partial), remove=True))
+
+
+def _failure_message(root: str, final: str, partial: str, how: str, why: str,
+                     remove: bool) -> str:
+    """The one line a failed save stops every rank with. Rank 0 removes the partial
+    directory (it is never loaded, and on a full disk its space is what is missing)."""
+    if remove and _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    free = ""
+    with contextlib.suppress(OSError):
+        free = f"; {_size(shutil.disk_usage(root).free)} free on {root}"
+    kept = list_checkpoints(root)
+    kept_text = (f"{kept[-1][1]} is still the newest complete checkpoint and the one a "
+                 "relaunch resumes from" if kept else "no earlier checkpoint exists")
+    removed = f"; the incomplete {partial} was removed" if remove else ""
+    return f"{how} of checkpoint {final} failed: {why}{free}; {kept_text}{removed}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _own_digests(partial: str, rank: int) -> dict[str, dict[str, Any]] | str:
+    """This rank's shard digests, or the text of the error that kept it from them."""
+    try:
+        return digests(partial, rank_shard_files(partial, rank))
+    except OSError as e:
+        return _failure_text(e, partial)
 
 
 def _remove(path: str) -> None:

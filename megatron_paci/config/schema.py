@@ -120,6 +120,9 @@ class CheckpointConfig:
     save_at_end: bool = True
     keep_last: int = 0  # 0 keeps every checkpoint
     load: bool = True  # resume from run.dir/checkpoints when one exists
+    # With load=false on a run.dir that holds an earlier run (checkpoints, metrics.jsonl):
+    # move them to run.dir/previous/<time>/ and start over, instead of refusing.
+    start_over: bool = False
     async_save: bool = False  # write in the background; training stalls only for the host copy
     # An untied checkpoint loaded into a tied model: refuse (unless the head equals the
     # embedding) | use_embedding | use_head (which trained tensor the tie keeps).

@@ -73,6 +73,16 @@ def short_error(error: BaseException) -> str:
     return first.split(". This is typically caused", 1)[0]
 
 
+_PEER_FAILURE = re.compile(r"Connection (reset|closed|refused)|Timed out|timed out|"
+                           r"Broken pipe|NCCL|gloo", re.IGNORECASE)
+
+
+def peer_failure(text: str) -> bool:
+    """Whether an error's text reads like a peer that died or froze (diagnostics only:
+    it decides whether the liveness report is worth waiting for)."""
+    return bool(_PEER_FAILURE.search(text))
+
+
 def wait(work, what: str, group, kind: str) -> None:
     """Wait for an asynchronous collective; a failure names the operation and peers."""
     if work is None:

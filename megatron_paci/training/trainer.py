@@ -64,6 +64,7 @@ from megatron_paci.training.preemption import (
     describe,
     test_signal_hook,
 )
+from megatron_paci.training.run_dir import RunDirLock, any_rank, open_run_dir
 
 
 def peak_rss_mb() -> float:
@@ -133,6 +134,7 @@ class Trainer:
                     "prompt, or train.sample_tokens=0") from e
         self.vocab_size = resolve_vocab_size(cfg, self.tokenizer.vocab_size,
                                              self.pstate.tensor_size)
+        self.run_lock = self._open_run_dir()  # before anything is written to run.dir
         eval_samples = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         unchecked = check_dataset_tokenizers(cfg.data.path, self.tokenizer, cfg.data.tokenizer)
         if unchecked and self.log_enabled:
@@ -356,6 +358,22 @@ class Trainer:
         if self.log_enabled:
             print(msg, flush=True)
 
+    def _open_run_dir(self) -> RunDirLock | None:
+        """Global rank 0 takes run.dir's lock and checks what it holds against this run
+        (training/run_dir.py); a refusal there stops every rank, before any writes."""
+        lock, error = None, None
+        if self.pstate.rank == 0:
+            try:
+                lock = open_run_dir(self.cfg, self.tokenizer.vocab_size)
+            except ConfigError as e:
+                error = e
+            except OSError as e:  # say, run.dir on a read-only or missing mount
+                error = ConfigError(f"run.dir {self.cfg.run.dir}: {e}")
+        if any_rank(error is not None, self.device):
+            raise error or ConfigError(f"run.dir {self.cfg.run.dir} refused on global rank 0 "
+                                       "(its error line says why)")
+        return lock
+
     def _write_run_files(self) -> None:
         if not self.log_enabled:
             return
@@ -374,7 +392,18 @@ class Trainer:
         return min(candidates)
 
     def train(self) -> Progress:
+        """Resume (if there is a checkpoint), write the run files, train. run.dir's lock
+        is released when this returns or raises."""
+        try:
+            return self._resume_and_train()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _resume_and_train(self) -> Progress:
         cfg, ps = self.cfg, self.pstate
+        # Load before writing: a checkpoint that does not fit leaves run.dir as it was.
+        self.maybe_resume()
         self._write_run_files()
         self._print(format_config(cfg))
         self._print(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters on this stage, "
@@ -416,7 +445,6 @@ class Trainer:
 
     def _train(self) -> Progress:
         cfg, t = self.cfg, self.cfg.train
-        self.maybe_resume()
         if self.progress.iteration >= t.iters:
             self._print(f"nothing to do: already at iteration {self.progress.iteration} "
                         f"of train.iters={t.iters}")
