@@ -64,7 +64,7 @@ def _frozen_in_reduction(rank, world, prefix, run_dir):
         def freeze():
             calls["n"] += 1
             if calls["n"] == 2:  # iteration 2: stop like a hung GPU, reaped later
-                subprocess.Popen(["sh", "-c", f"sleep 25; kill -9 {os.getpid()}"])
+                subprocess.Popen(["sh", "-c", f"sleep 12; kill -9 {os.getpid()}"])
                 os.kill(os.getpid(), signal.SIGSTOP)
             finish()
 
