@@ -133,7 +133,10 @@ def _require(module: str, setting: str, install: str) -> None:
 def _start_wandb(cfg: Config):
     import wandb
 
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    # WANDB_MODE, when set, decides (offline on a cluster without internet, disabled);
+    # otherwise online needs a key, and without one the run logs offline.
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
+                                            else "offline")
     if mode == "offline":
         print("wandb: no WANDB_API_KEY set, logging offline to", cfg.run.dir, file=sys.stderr)
     return wandb.init(
