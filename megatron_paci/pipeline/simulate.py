@@ -409,8 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     try:
         Costs(args.forward, args.backward, args.step, args.p2p)
-        for flag, n in (("--stages", args.stages), ("--microbatches", args.microbatches),
-                        ("--windows", args.windows)):
+        for flag, n in (("--stages", args.stages), ("--windows", args.windows)):
             if n < 1:
                 raise ValueError(f"{flag} must be >= 1, got {n}")
         if args.virtual is not None and args.virtual < 1:
