@@ -75,9 +75,9 @@ def _check_unicode(text: str, where: str) -> str:
     return text
 
 
-def _decode(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
+def _decode(raw: bytes, where: str, first: bool = False) -> str:
+    try:  # a byte order mark may open the file (utf-8-sig); it is not text
+        return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
                          f"{e.start + 1}); expected UTF-8 text") from None
@@ -99,7 +99,7 @@ def iter_jsonl(path: str, json_key: str = "text") -> Iterator[Document]:
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            text = _decode(line, where)
+            text = _decode(line, where, lineno == 1)
             if not text.strip():
                 skipped += len(line)
                 continue
@@ -136,7 +136,7 @@ def iter_text(path: str) -> Iterator[Document]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             nbytes += len(raw)
-            line = _decode(raw, f"{path}:{lineno}").rstrip("\r\n")
+            line = _decode(raw, f"{path}:{lineno}", lineno == 1).rstrip("\r\n")
             if line.strip():
                 if not lines:
                     first = lineno

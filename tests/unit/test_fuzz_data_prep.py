@@ -187,6 +187,16 @@ def test_a_run_stopped_while_renaming_leaves_no_mismatched_pair(tmp_path, monkey
     assert not os.path.exists(prefix + ".idx"), "an .idx left beside a .bin it may not match"
 
 
+@pytest.mark.parametrize("name", ["in.jsonl", "in.txt"])
+def test_a_byte_order_mark_is_not_text(tmp_path, name):
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (b'{"text": "4 5"}\n' if "json" in name
+                                                   else b"4 5\n"))
+    rc, err = _run(["--input", str(tmp_path / name), "--tokenizer", TOKENIZER,
+                    "--output-prefix", str(tmp_path / "out"), "--workers", "1"])
+    assert rc == 0, err
+    assert IndexedDataset(str(tmp_path / "out"))[0].tolist() == [4, 5]
+
+
 def test_empty_input_writes_nothing(tmp_path):
     (tmp_path / "in.jsonl").write_bytes(b"")
     rc, err = _run(["--input", str(tmp_path / "in.jsonl"), "--tokenizer", TOKENIZER,
