@@ -26,7 +26,7 @@ setup(
         "wandb",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "safetensors"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "transformers", "safetensors"],
         # For Hugging Face checkpoint import/export.
         "interop": ["transformers", "safetensors"],
         # logging.tensorboard=true writes through torch.utils.tensorboard.

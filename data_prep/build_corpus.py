@@ -274,7 +274,15 @@ def build_corpus(
     for s in sources:
         if s not in SOURCES:
             raise ValueError(f"unknown source {s!r}; choose from {', '.join(SOURCES)}")
-    os.makedirs(output_dir, exist_ok=True)
+    if not (max_mb > 0 and max_mb * MB < 2**62):  # False for nan too
+        raise ValueError(f"--max-mb must be a number > 0, got {max_mb}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output {output_dir} is a file; expected a directory")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {output_dir}: cannot create the directory "
+                         f"({e.strerror})") from None
     cache_dir = os.path.join(output_dir, "cache")
     openers: dict[str, Callable[[], Iterator[str]]] = {
         "wiki": lambda: wiki_documents(cache_dir),
@@ -398,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_corpus(args.output, args.max_mb, sources,
                               note=(lambda _msg: None) if quiet else print)
-    except (RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     docs = sum(r["docs"] for r in report.values())
     mb = sum(r["bytes"] for r in report.values()) / MB

@@ -50,60 +50,105 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _as_text(value: object) -> str:
-    return "" if value is None else value if isinstance(value, str) else str(value)
+def _as_text(value: object, where: str, key: str) -> str:
+    """The document under ``key``: a string (numbers are written out; null is empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: {key!r} holds {type(value).__name__} {_clip(value)}; "
+                         "expected a string")
+    return value if isinstance(value, str) else str(value)
+
+
+def _clip(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_unicode(text: str, where: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: the text holds {text[e.start]!r}, a lone surrogate and not "
+                         "valid Unicode") from None
+    return text
+
+
+def _decode(raw: bytes, where: str, first: bool = False) -> str:
+    try:  # a byte order mark may open the file (utf-8-sig); it is not text
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                         f"{e.start + 1}); expected UTF-8 text") from None
 
 
 # --------------------------------------------------------------------------- input readers
+# Each yields (text, bytes consumed, "FILE:LINE" of the document) per document.
+
+Document = tuple[str, int, str]
 
 
 def is_json_lines(path: str) -> bool:
     return path.lower().endswith(JSON_SUFFIXES)
 
 
-def iter_jsonl(path: str, json_key: str = "text") -> Iterator[tuple[str, int]]:
-    """Yield (text, bytes consumed) per JSON line; blank lines are ignored."""
+def iter_jsonl(path: str, json_key: str = "text") -> Iterator[Document]:
+    """Yield (text, bytes consumed, where) per JSON line; blank lines are ignored."""
     skipped = 0  # bytes of blank lines, counted with the next document for the progress bar
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+            where = f"{path}:{lineno}"
+            text = _decode(line, where, lineno == 1)
+            if not text.strip():
                 skipped += len(line)
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict) or json_key not in obj:
+                raise ValueError(f"{where}: not valid JSON ({e}); expected one JSON object "
+                                 "per line") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply to read") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: a JSON {type(obj).__name__}, expected an object "
+                                 f"with a {json_key!r} key")
+            if json_key not in obj:
+                keys = ", ".join(repr(k) for k in list(obj)[:5]) or "none"
                 raise ValueError(
-                    f"{path}:{lineno}: no {json_key!r} key in this JSON line "
-                    "(choose the key with --json-key)"
+                    f"{where}: no {json_key!r} key in this JSON line (its keys: {keys}); "
+                    "choose the key with --json-key"
                 )
-            yield _as_text(obj[json_key]), len(line) + skipped
+            yield _check_unicode(_as_text(obj[json_key], where, json_key), where), \
+                len(line) + skipped, where
             skipped = 0
 
 
-def iter_text(path: str) -> Iterator[tuple[str, int]]:
-    """Yield (document, bytes consumed) from plain text: documents are separated by blank lines.
+def iter_text(path: str) -> Iterator[Document]:
+    """Yield (document, bytes consumed, where) from plain text split on blank lines.
 
-    A document is its lines joined by "\\n" (no trailing newline); lines are decoded as UTF-8
-    with invalid bytes replaced.
+    A document is its lines joined by "\\n" (no trailing newline). The text must be UTF-8:
+    a stray byte is an error naming the line, not a silent replacement character.
     """
     lines: list[str] = []
     nbytes = 0
+    first = 0
     with open(path, "rb") as f:
-        for raw in f:
+        for lineno, raw in enumerate(f, start=1):
             nbytes += len(raw)
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            line = _decode(raw, f"{path}:{lineno}", lineno == 1).rstrip("\r\n")
             if line.strip():
+                if not lines:
+                    first = lineno
                 lines.append(line)
             elif lines:
-                yield "\n".join(lines), nbytes
+                yield "\n".join(lines), nbytes, f"{path}:{first}"
                 lines, nbytes = [], 0
     if lines:
-        yield "\n".join(lines), nbytes
+        yield "\n".join(lines), nbytes, f"{path}:{first}"
 
 
-def iter_file_documents(path: str, json_key: str = "text") -> Iterator[tuple[str, int]]:
+def iter_file_documents(path: str, json_key: str = "text") -> Iterator[Document]:
     """Documents of a local file: JSON lines (.jsonl/.json/.ndjson) or plain text otherwise."""
     if is_json_lines(path):
         return iter_jsonl(path, json_key)
@@ -148,11 +193,12 @@ def open_hf_dataset(
     return ds, total
 
 
-def iter_hf_documents(rows: Iterable[dict], json_key: str) -> Iterator[tuple[str, int]]:
+def iter_hf_documents(rows: Iterable[dict], json_key: str) -> Iterator[Document]:
     for i, row in enumerate(rows):
+        where = f"row {i} of the dataset"
         if json_key not in row:
-            raise ValueError(f"row {i} of the dataset has no {json_key!r} column (see --json-key)")
-        yield _as_text(row[json_key]), 0
+            raise ValueError(f"{where} has no {json_key!r} column (see --json-key)")
+        yield _check_unicode(_as_text(row[json_key], where, json_key), where), 0, where
 
 
 # --------------------------------------------------------------------------- workers
@@ -166,12 +212,15 @@ def _init_worker(tokenizer_spec: str, append_eod: bool, dtype_str: str) -> None:
     _WORKER.update(tokenizer=tok, append_eod=append_eod, dtype=np.dtype(dtype_str))
 
 
-def _encode(item: tuple[str, int]) -> tuple[np.ndarray | None, int]:
-    text, nbytes = item
+def _encode(item: Document) -> tuple[np.ndarray | None, int]:
+    text, nbytes, where = item
     if not text.strip():
         return None, nbytes
     tok = _WORKER["tokenizer"]
-    ids = tok.tokenize(text)
+    try:
+        ids = tok.tokenize(text)
+    except Exception as e:  # tokenizer libraries raise their own types; say which document
+        raise ValueError(f"{where}: cannot tokenize this document: {e}") from None
     if _WORKER["append_eod"]:
         ids.append(tok.eod)
     if not ids:
@@ -298,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_output_dir(prefix: str) -> None:
+    if not os.path.basename(prefix) or os.path.isdir(prefix):
+        raise ValueError(f"--output-prefix {prefix} is a directory; give a path prefix such "
+                         f"as {os.path.join(prefix, 'corpus')} (writes corpus.bin, corpus.idx)")
+    for path in (data_file_path(prefix), index_file_path(prefix), record_path(prefix)):
+        if os.path.isdir(path):
+            raise ValueError(f"--output-prefix {prefix}: {path} is a directory")
     out_dir = os.path.dirname(os.path.abspath(prefix))
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -312,8 +367,11 @@ def preprocess(args: argparse.Namespace) -> Stats:
     if _is_saved_hf_dataset(args.input):
         args.input = HF_PREFIX + args.input
     is_hf = args.input.startswith(HF_PREFIX)
-    if not is_hf and not os.path.isfile(args.input):
+    if not is_hf and not os.path.exists(args.input):
         raise FileNotFoundError(f"input not found: {args.input}")
+    if not is_hf and not os.path.isfile(args.input):
+        raise ValueError(f"input {args.input} is not a file (nor a dataset saved with "
+                         "save_to_disk)")
     if args.hf_data_files:
         for f in args.hf_data_files:
             if not os.path.exists(f):
@@ -353,8 +411,18 @@ def preprocess(args: argparse.Namespace) -> Stats:
                     _consume(results, builder, stats, progress, window)
                 finally:
                     window.stop()
+        if stats.docs == 0:
+            raise ValueError(f"{args.input}: no documents to write ({stats.empty:,} empty "
+                             "skipped); expected at least one non-empty document")
         builder.finalize(tmp_idx)
         write_tokenizer_record(tmp_rec, tokenizer, args.tokenizer)
+        # The .idx goes last, and an old one first: whatever stops this midway, an .idx
+        # beside a .bin is one written for it.
+        if os.path.exists(idx_path):
+            os.remove(idx_path)
+        os.replace(tmp_rec, rec_path)
+        os.replace(tmp_bin, bin_path)
+        os.replace(tmp_idx, idx_path)
     except BaseException:
         progress.close()
         for p in (tmp_bin, tmp_idx, tmp_rec):
@@ -362,9 +430,6 @@ def preprocess(args: argparse.Namespace) -> Stats:
                 os.remove(p)
         raise
     progress.close()
-    os.replace(tmp_bin, bin_path)
-    os.replace(tmp_idx, idx_path)
-    os.replace(tmp_rec, rec_path)
     stats.seconds = time.monotonic() - start
     return stats
 
@@ -389,9 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         stats = preprocess(args)
-    except (FileNotFoundError, PermissionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # OSError: FileNotFound, Permission, disk full...
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {args.output_prefix}.bin/.idx not written", file=sys.stderr)
+        return 130
     rate = stats.tokens / max(stats.seconds, 1e-9)
     print(
         f"done: {stats.docs:,} documents ({stats.empty:,} empty skipped), {stats.tokens:,} tokens "

@@ -23,8 +23,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 
@@ -58,7 +61,7 @@ def iter_sentences(
 ) -> Iterator[str]:
     """Lines of every document of every input, long ones split; blank lines skipped."""
     for path in paths:
-        for text, _ in iter_file_documents(path, json_key):
+        for text, *_ in iter_file_documents(path, json_key):
             for line in text.splitlines():
                 if not line.strip():
                     continue
@@ -66,6 +69,18 @@ def iter_sentences(
                     if counter is not None:
                         counter[0] += 1
                     yield piece
+
+
+def _check_inputs(inputs: list[str], json_key: str) -> None:
+    """Every input is a file and there is some text, before the trainer is started."""
+    for path in inputs:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"input not found: {path}")
+        if not os.path.isfile(path):
+            raise ValueError(f"input {path} is not a file")
+    if next(iter_documents(inputs, json_key), None) is None:
+        raise ValueError(f"no text to train on in {', '.join(inputs)}: every document is "
+                         "empty; expected at least one non-empty document")
 
 
 def train(
@@ -83,9 +98,7 @@ def train(
     """Train and write ``output``.model/.vocab; returns a small summary dict."""
     import sentencepiece as spm
 
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"input not found: {path}")
+    _check_inputs(inputs, json_key)
     if vocab_size <= 259:
         raise ValueError(
             f"--vocab-size {vocab_size} is too small: 3 special + 256 byte pieces need 259 ids, "
@@ -93,6 +106,9 @@ def train(
         )
     if output.endswith(".model"):
         output = output[: -len(".model")]
+    if not os.path.basename(output) or os.path.isdir(output):
+        raise ValueError(f"--output {output} is a directory; --type sentencepiece takes a "
+                         f"prefix such as {os.path.join(output, 'tok')} (writes tok.model)")
     out_dir = os.path.dirname(os.path.abspath(output))
     os.makedirs(out_dir, exist_ok=True)
     if max_sentences and max_sentences <= 100:
@@ -101,27 +117,37 @@ def train(
     spm.set_random_generator_seed(seed)  # the shuffle/sample of input sentences is reproducible
     counter = [0]
     start = time.monotonic()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_sentences(inputs, json_key, counter),
-        model_prefix=output,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        character_coverage=character_coverage,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=PAD_ID,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        max_sentence_length=MAX_SENTENCE_BYTES,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=num_threads or available_cores(),
-        minloglevel=0 if verbose else 1,
-    )
+    reader = _Reader(iter_sentences(inputs, json_key, counter))
+    # Trained under a temporary prefix and renamed, .model last: a run that fails midway
+    # leaves no model that looks complete.
+    tmp = tempfile.mkdtemp(prefix=".train_tokenizer-", dir=out_dir)
+    try:
+        with reader.reraise():
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(reader),
+                model_prefix=os.path.join(tmp, "tok"),
+                model_type="bpe",
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                character_coverage=character_coverage,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                pad_id=PAD_ID,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                allow_whitespace_only_pieces=True,
+                max_sentence_length=MAX_SENTENCE_BYTES,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                num_threads=num_threads or available_cores(),
+                minloglevel=0 if verbose else 1,
+            )
+        os.replace(os.path.join(tmp, "tok.vocab"), output + ".vocab")
+        os.replace(os.path.join(tmp, "tok.model"), output + ".model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "model": output + ".model",
         "vocab": output + ".vocab",
@@ -131,11 +157,41 @@ def train(
     }
 
 
+class _Reader:
+    """Feeds a trainer and keeps the input's own error (file and line).
+
+    Both training libraries turn an exception raised by the iterator into their own
+    RuntimeError carrying a Python traceback, or stop quietly and train on what they got.
+    """
+
+    def __init__(self, items: Iterator[str]) -> None:
+        self._items = items
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._items
+        except Exception as e:
+            self.error = e
+            raise
+
+    @contextlib.contextmanager
+    def reraise(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception:
+            if self.error is not None:
+                raise self.error from None
+            raise
+        if self.error is not None:
+            raise self.error
+
+
 def iter_documents(paths: Iterable[str], json_key: str = "text",
                    counter: list[int] | None = None) -> Iterator[str]:
     """Whole documents of every input (newlines kept, so merges can span them)."""
     for path in paths:
-        for text, _ in iter_file_documents(path, json_key):
+        for text, *_ in iter_file_documents(path, json_key):
             if text.strip():
                 if counter is not None:
                     counter[0] += 1
@@ -154,9 +210,7 @@ def train_byte_level_bpe(
     """Train a byte-level BPE; writes OUTPUT/tokenizer.json, vocab.json, merges.txt."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"input not found: {path}")
+    _check_inputs(inputs, json_key)
     if vocab_size <= BYTE_LEVEL_ALPHABET + 1:
         raise ValueError(
             f"--vocab-size {vocab_size} is too small: <|endoftext|> + 256 byte symbols need "
@@ -173,10 +227,21 @@ def train_byte_level_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=verbose)
     counter = [0]
     start = time.monotonic()
-    tok.train_from_iterator(iter_documents(inputs, json_key, counter), trainer)
-    tokenizer_json = os.path.join(output, "tokenizer.json")
-    tok.save(tokenizer_json)
-    vocab_json, merges_txt = tok.model.save(output)
+    reader = _Reader(iter_documents(inputs, json_key, counter))
+    with reader.reraise():
+        tok.train_from_iterator(iter(reader), trainer)
+    # Written beside, then renamed, tokenizer.json last: a run stopped midway leaves no set
+    # of files that looks complete.
+    tmp = tempfile.mkdtemp(prefix=".train_tokenizer-", dir=output)
+    try:
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        tok.model.save(tmp)
+        files = [os.path.join(output, n) for n in ("vocab.json", "merges.txt", "tokenizer.json")]
+        for f in files:
+            os.replace(os.path.join(tmp, os.path.basename(f)), f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer_json, vocab_json, merges_txt = files[2], files[0], files[1]
     return {
         "files": [tokenizer_json, vocab_json, merges_txt],
         "vocab_size": tok.get_vocab_size(),
@@ -238,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                          num_threads=args.num_threads, seed=args.seed, verbose=args.verbose)
             info.update(files=[info["model"], info["vocab"]],
                         read=f"{info['sentences_read']:,} lines")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # sentencepiece reports bad settings this way
-        print(f"error: sentencepiece training failed: {e}", file=sys.stderr)
+        print(f"error: sentencepiece training failed: {' '.join(str(e).split())}",
+              file=sys.stderr)
         return 1
     kind = "byte-level BPE" if args.type == "bpe" else "sentencepiece BPE"
     files = "".join(f"\n  {f}" for f in info["files"])

@@ -46,7 +46,7 @@ def _suggest(key: str) -> str:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    return ConfigError(f"unknown config key '{key}'{where}{_suggest(key)}")
+    return ConfigError(f"unknown config key {key!r}{where}{_suggest(key)}")
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:
@@ -92,8 +92,12 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
+            try:  # int first: through float, digits past the 16th would be lost
+                return int(value.strip())
+            except ValueError:
+                pass
             try:
-                f = float(value.replace("_", ""))
+                f = float(value)
             except ValueError:
                 raise bad from None
             if f.is_integer():
@@ -120,53 +124,105 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             text = value.strip()
             try:
                 value = yaml.safe_load(text) if text.startswith("[") else [text]
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError):
                 raise ConfigError(f"config key '{key}': cannot read the list {text!r}; write "
                                   "it as [a,b,c]") from None
         if not isinstance(value, list):
             value = [value]
         if elem is Any:
+            for i, v in enumerate(value):
+                if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                    raise ConfigError(f"config key '{key}[{i}]': expected a string or a "
+                                      f"number, got {v!r}")
             return list(value)
         return [coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value)]
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")  # pragma: no cover
+
+
+def _shown(path: str) -> str:
+    """A path as printed: quoted when it holds characters that would break the line."""
+    return path if path.isprintable() else repr(path)
 
 
 def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read one YAML file and merge it over the file named by its ``inherit`` key."""
     path = os.path.abspath(path)
     if path in chain:
-        raise ConfigError(f"config inheritance cycle: {' -> '.join(chain + (path,))}")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections at top level")
+        raise ConfigError(f"config inheritance cycle: {' -> '.join(map(_shown, chain + (path,)))}")
+    raw = _parse_yaml_file(path)
     parent = raw.pop(INHERIT_KEY, None)
     merged: dict[str, Any] = {}
     if parent:
         parents = parent if isinstance(parent, list) else [parent]
+        if not all(isinstance(p, str) and p for p in parents):
+            raise ConfigError(f"config file {_shown(path)}: '{INHERIT_KEY}' must be a file "
+                              f"name or a list of file names, got {parent!r}")
         for p in parents:
             p = p if os.path.isabs(p) else os.path.join(os.path.dirname(path), p)
             _deep_merge(merged, _read_yaml(p, chain + (path,)))
     errors: list[str] = []
     for section, values in list(raw.items()):
         if section not in SECTIONS:
-            errors.append(str(_unknown_key(str(section), f" in {path}")))
+            errors.append(str(_unknown_key(str(section), f" in {_shown(path)}")))
             del raw[section]
         elif not isinstance(values, dict):
-            errors.append(f"config file {path}: section '{section}' must be a mapping")
+            errors.append(f"config file {_shown(path)}: section '{section}' must be a mapping")
             del raw[section]
         else:
-            errors += [str(_unknown_key(f"{section}.{k}", f" in {path}"))
+            errors += [str(_unknown_key(f"{section}.{k}", f" in {_shown(path)}"))
                        for k in values if k not in _section_types(section)]
     if errors:
         raise ConfigError("\n".join(errors))
     _deep_merge(merged, raw)
     return merged
+
+
+def _yaml_where(e: yaml.MarkedYAMLError) -> str:
+    """PyYAML's several-line report as one line: where, what, and inside what."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+    problem = " ".join(str(e.problem or "").split())
+    context = " ".join(str(e.context or "").split())
+    out = f" at {at(e.problem_mark)}" if e.problem_mark else ""
+    out += f": {problem}" if problem else ""
+    if context:
+        out += f" ({context}{' that starts at ' + at(e.context_mark) if e.context_mark else ''})"
+    return out
+
+
+def _parse_yaml_file(path: str) -> dict[str, Any]:
+    """The file's top-level mapping; every way it can fail is one line naming the file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {_shown(path)}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {_shown(path)} is not a file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"config file {_shown(path)} cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"config file {_shown(path)}: line {line} is not valid UTF-8 (byte "
+                          f"{data[e.start]:#04x}); expected UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(f"config file {_shown(path)} is not valid YAML{_yaml_where(e)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {_shown(path)} is not valid YAML: "
+                          f"{' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {_shown(path)}: YAML nested too deeply to read") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {_shown(path)}: expected a mapping of sections at top "
+                          f"level, got {type(raw).__name__}")
+    return raw
 
 
 def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
@@ -179,11 +235,11 @@ def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
 
 def parse_override(text: str) -> tuple[str, str]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value")
+        raise ConfigError(f"override {text!r} must look like section.key=value")
     key, value = text.split("=", 1)
     key = key.strip().removeprefix("--")
     if key.count(".") != 1:
-        raise ConfigError(f"override '{text}': key must be section.key, e.g. optim.lr=3e-4")
+        raise ConfigError(f"override {text!r}: key must be section.key, e.g. optim.lr=3e-4")
     return key, value
 
 
@@ -210,7 +266,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
     if path:
         for section, values in _read_yaml(path).items():
             for k, v in values.items():
-                collect(set_value, cfg, f"{section}.{k}", v, f" in {path}")
+                collect(set_value, cfg, f"{section}.{k}", v, f" in {_shown(path)}")
     for text in overrides:
         collect(lambda t: set_value(cfg, *parse_override(t), " on the command line"), text)
     if errors:
@@ -235,6 +291,28 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
 def validate(cfg: Config) -> None:
     """Checks between fields that a single type cannot express."""
     m, t, o = cfg.model, cfg.train, cfg.optim
+    for key, low in (("model.rotary_base", 1.0), ("model.layernorm_epsilon", 0.0),
+                     ("optim.adam_eps", 0.0), ("optim.grad_bucket_mb", 0.0),
+                     ("parallel.timeout_s", 0.0)):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= low:
+            raise ConfigError(f"config key '{key}' must be > {low:g}, got "
+                              f"{getattr(getattr(cfg, section), name)}")
+    for key in ("optim.adam_beta1", "optim.adam_beta2"):
+        v = getattr(o, key.split(".")[1])
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {v}")
+    for key in ("model.init_std", "train.exit_duration_mins", "data.num_workers"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got "
+                              f"{getattr(getattr(cfg, section), name)}")
+    for key, low in (("model.ffn_hidden_size", 1), ("model.max_position_embeddings", 1),
+                     ("model.vocab_size", 1), ("optim.lr_decay_iters", 0)):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v is not None and v < low:
+            raise ConfigError(f"config key '{key}' must be >= {low} or null, got {v}")
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
                 "model.seq_length", "train.micro_batch_size", "train.global_batch_size",
                 "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline",
@@ -294,6 +372,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}")
     if o.lr_warmup_iters < 0 or o.clip_grad < 0:
         raise ConfigError("optim.lr_warmup_iters and optim.clip_grad must be >= 0")
+    for key in all_keys():  # nan and inf pass the range checks above unnoticed
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -409,8 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     try:
         Costs(args.forward, args.backward, args.step, args.p2p)
-        if args.windows < 1:
-            raise ValueError(f"--windows must be >= 1, got {args.windows}")
+        for flag, n in (("--stages", args.stages), ("--windows", args.windows)):
+            if n < 1:
+                raise ValueError(f"{flag} must be >= 1, got {n}")
         if args.virtual is not None and args.virtual < 1:
             raise ValueError(f"--virtual must be >= 1, got {args.virtual}")
         runs = _runs(args.schedule, args.virtual)
@@ -435,22 +436,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in notes:
         print(n)
     if not args.no_plot:
-        for tl, row in zip(timelines, rows, strict=True):
-            path = _png_path(args.output, tl.schedule, tl.stages, tl.window, len(names) > 1,
-                             tl.chunks)
-            title = (
-                f"{tl.schedule}{f' interleaved v={tl.chunks}' if tl.chunks > 1 else ''}  "
-                f"P={tl.stages} M={tl.window} windows={tl.num_windows}  "
-                f"bubble {row['bubble']:.1%}"
-            )
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            draw(tl, path, title)
-            print(f"wrote {path}")
-        if len(timelines) > 1:
-            # One figure that stacks them on a shared time axis, for comparison.
-            path = _png_path(args.output, "all", args.stages, args.microbatches, True)
-            draw_stacked(timelines, path)
-            print(f"wrote {path}")
+        try:
+            for tl, row in zip(timelines, rows, strict=True):
+                path = _png_path(args.output, tl.schedule, tl.stages, tl.window, len(names) > 1,
+                                 tl.chunks)
+                title = (
+                    f"{tl.schedule}{f' interleaved v={tl.chunks}' if tl.chunks > 1 else ''}  "
+                    f"P={tl.stages} M={tl.window} windows={tl.num_windows}  "
+                    f"bubble {row['bubble']:.1%}"
+                )
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                draw(tl, path, title)
+                print(f"wrote {path}")
+            if len(timelines) > 1:
+                # One figure that stacks them on a shared time axis, for comparison.
+                path = _png_path(args.output, "all", args.stages, args.microbatches, True)
+                draw_stacked(timelines, path)
+                print(f"wrote {path}")
+        except OSError as e:  # --output under a file, a read-only folder...
+            print(f"error: cannot write the timeline to {e.filename or args.output}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return 2
     return 0
 
 
