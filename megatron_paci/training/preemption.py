@@ -91,10 +91,13 @@ def describe(reason: int) -> str:
 
 def test_signal_hook(iteration: int, rank: int, where: str = "step") -> None:
     """Tests send a real signal at a known point: MEGATRON_PACI_TEST_SIGNAL=ITER:RANK
-    (right after STEP ITER) or ITER:RANK:save (inside the save at ITER)."""
+    (SIGUSR1 right after STEP ITER), ITER:RANK:save (inside the save at ITER) or
+    ITER:RANK:kill (SIGKILL right after STEP ITER: a rank that dies)."""
     spec = os.environ.get("MEGATRON_PACI_TEST_SIGNAL")
     if not spec:
         return
     at, who, place = (spec.split(":") + ["", ""])[:3]
-    if iteration == int(at) and rank == int(who or 0) and (place or "step") == where:
-        os.kill(os.getpid(), signal.SIGUSR1)
+    place = place or "step"
+    if iteration == int(at) and rank == int(who or 0) and where == (
+            "step" if place == "kill" else place):
+        os.kill(os.getpid(), signal.SIGKILL if place == "kill" else signal.SIGUSR1)
