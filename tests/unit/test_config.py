@@ -152,6 +152,9 @@ def test_print_command(capsys):
     ("optim.weight_decay=-0.1", "'optim.weight_decay' must be a finite number >= 0"),
     ("model.make_vocab_size_divisible_by=0", "'model.make_vocab_size_divisible_by' must be"),
     ("data.path=[x", "'data.path': cannot read the list '[x'"),
+    ("train.loss_spike_factor=1", "'train.loss_spike_factor' must be 0 (off) or a finite"),
+    ("train.loss_spike_factor=inf", "'train.loss_spike_factor' must be"),
+    ("train.max_consecutive_skips=-1", "'train.max_consecutive_skips' must be >= 0"),
 ])
 def test_numbers_and_lists_that_cannot_train_are_refused_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
