@@ -4,6 +4,7 @@ operation that was waiting; relaunching resumes with no sample skipped or repeat
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -141,3 +142,5 @@ def test_killed_during_a_save_is_named_and_the_relaunch_continues_exactly(tmp_pa
     ref = str(tmp_path / "ref")
     spawn(_launch, 2, args=(_argv(prefix, ref, 6),), timeout=120, init_group=False)
     assert losses(run) == losses(ref)
+    rows = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "loss" in r]
+    assert [r["consumed_samples"] for r in rows] == [8 * i for i in range(1, 7)]
