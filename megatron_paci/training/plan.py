@@ -122,8 +122,15 @@ def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int = 1,
 
     With ``MEGATRON_FP16``, f = 4h and dropout on, this is the paper's
     s·b·h·(10 + 24/t + 5·a·s/(h·t)), and s·b·h·(34 + 5·a·s/h)/t with sequence parallelism.
+    ``model.recompute=full`` keeps only the layer's input (the recompute's transient copy
+    of one layer is not counted); ``selective`` drops what the attention core keeps: the
+    scores, their mask, or a fused kernel's output.
     """
     s, b, h, a, f = m.seq_length, micro_batch, m.hidden_size, m.num_attention_heads, ffn_size(m)
+    if m.recompute == "full":
+        return s * b * h * sb.residual / (tp if sequence_parallel else 1)
+    if m.recompute == "selective":
+        sb = dataclasses.replace(sb, scores=False, attention_output=False)
     hidden_mask = sb.mask if m.dropout > 0 else 0.0
     score_mask = sb.mask if m.attention_dropout > 0 else 0.0
     # Outside the tensor-parallel region (replicated over tp unless sequence parallel):
