@@ -66,8 +66,41 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+def _words(tp: Any) -> tuple[tuple[str, ...], Any]:
+    """A ``T | Literal["a", ...] | None`` field's words and the type without them (None
+    for a plain ``Literal``). Words are matched before the null spellings: ``none`` can
+    be one."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp), None
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return (), tp
+    args = typing.get_args(tp)
+    words = tuple(w for a in args if typing.get_origin(a) is typing.Literal
+                  for w in typing.get_args(a))
+    rest = [a for a in args if typing.get_origin(a) is not typing.Literal]
+    union = rest[0]
+    for a in rest[1:]:
+        union = union | a
+    return words, union
+
+
 def coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` (from YAML or a command-line string) to field type ``tp``."""
+    words, tp = _words(tp)
+    if words:
+        if isinstance(value, str) and value.strip().lower() in words:
+            return value.strip().lower()
+        if tp is None:
+            raise ConfigError(f"config key '{key}': expected one of {', '.join(words)}, got "
+                              f"{value!r}")
+        try:
+            return coerce(key, value, tp)
+        except ConfigError:
+            if isinstance(value, str) and not value.strip().startswith("["):
+                shown = str(_is_optional(tp)[1]).replace("typing.", "")  # list[int]
+                raise ConfigError(f"config key '{key}': expected {shown} (e.g. [3, 1]) or "
+                                  f"{' or '.join(words)}, got {value!r}") from None
+            raise
     optional, inner = _is_optional(tp)
     if isinstance(value, str) and value.strip().lower() in ("null", "none", "~"):
         if optional:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -29,6 +29,10 @@ class ModelConfig:
     attention_dropout: float = 0.1
     layernorm_epsilon: float = 1e-5
     init_std: float = 0.02
+    # Activation recomputation (Megatron's names): none | full (each transformer layer's
+    # forward runs again at its backward) | selective (only the attention core,
+    # softmax(QK^T)V, is recomputed). See docs/pipeline.md, "Activation recomputation".
+    recompute: Literal["none", "full", "selective"] = "none"
 
 
 @dataclass
@@ -101,7 +105,9 @@ class PipelineConfig:
     # A registered schedule (pipeline/schedules.py: 1f1b_flush, pipedream_2bw, paci)
     # or file:PATH, a file of per-rank action lists (docs/pipeline.md).
     schedule: str = "1f1b_flush"
-    layers_per_stage: list[int] | None = None  # None -> even split
+    # None -> even split; [3, 1] by hand; auto -> balanced by FLOPs per stage, embedding
+    # and output layer included (pipeline/partition.py).
+    layers_per_stage: list[int] | Literal["auto"] | None = None
     dump_versions: bool = False  # write (stage, j, v_F, v_B) per micro-batch to run.dir/pipeline/
     timeline: bool = False  # record action times; draw run.dir/pipeline/timeline.png at the end
     verify_versions: bool = False  # checksum the weights each F and B sees (slow; for tests)

@@ -4,16 +4,30 @@ Activations are ``[seq, batch, hidden]`` (Megatron's layout: sequence
 parallelism splits dim 0, contiguous). Attention heads and the MLP's inner
 dimension are split across tensor-parallel ranks by column/row-parallel
 linears; with ``group=None`` they are plain linears.
+
+``model.recompute`` (Megatron's activation recomputation): ``full`` keeps only each
+layer's input and runs the layer's forward again at its backward; ``selective`` does
+that for the attention core alone, softmax(QK^T)V, whose s x s scores are the largest
+saved tensor when they are stored at all. Both go through ``torch.utils.checkpoint``
+(non-reentrant), which replays the default RNG; ``_replay_tracker`` replays the
+tensor-parallel RNG streams too, so a recomputed dropout draws the forward's mask. A
+recomputed layer runs on the weight tensors its forward saw: the live parameters
+(updated in place, so the recompute sees their values at backward time) or
+PipeDream-2BW's immutable snapshot (see docs/pipeline.md, "Activation recomputation").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from megatron_paci.config.schema import ModelConfig
 from megatron_paci.kernels.dispatch import Kernels, reference_kernels
@@ -27,6 +41,34 @@ from megatron_paci.tensor_parallel import (
 
 def ffn_size(cfg: ModelConfig) -> int:
     return cfg.ffn_hidden_size or 4 * cfg.hidden_size
+
+
+def _replay_tracker(rng: RNGTracker | None) -> Callable[[], tuple]:
+    """``context_fn`` for ``torch.utils.checkpoint``: the recompute draws from the
+    tracker's streams as the forward found them, and leaves them as it found them
+    (later forwards have moved them on since)."""
+
+    def contexts() -> tuple:
+        if rng is None:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        at_forward = rng.get_states()
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            now = rng.get_states()
+            rng.set_states(at_forward)
+            try:
+                yield
+            finally:
+                rng.set_states(now)
+
+        return contextlib.nullcontext(), recompute()
+
+    return contexts
+
+
+def _recomputing(module: nn.Module) -> bool:
+    return module.training and torch.is_grad_enabled()
 
 
 @dataclass(frozen=True)
@@ -95,6 +137,7 @@ class SelfAttention(nn.Module):
         self.local_heads = cfg.num_attention_heads // tp.size
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.attention_dropout = cfg.attention_dropout
+        self.recompute_core = cfg.recompute == "selective"
         # qkv rows are laid out [heads, (q, k, v), head_dim], so a contiguous
         # column-parallel shard holds whole heads.
         self.qkv = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, group=tp.group,
@@ -113,13 +156,20 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             rope = self.tp.kernels.rotary
             q, k = rope(q.contiguous(), *rotary), rope(k.contiguous(), *rotary)
-        with self.tp.fork_rng():
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True,
-                dropout_p=self.attention_dropout if self.training else 0.0,
-            )
+        p = self.attention_dropout if self.training else 0.0
+        if self.recompute_core and _recomputing(self):
+            out = checkpoint(self._core, q, k, v, p, use_reentrant=False,
+                             context_fn=_replay_tracker(self.tp.rng))
+        else:
+            out = self._core(q, k, v, p)
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
         return self.proj(out)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              dropout_p: float) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d)) V, causal: what ``model.recompute=selective`` reruns."""
+        with self.tp.fork_rng():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -150,6 +200,7 @@ class TransformerLayer(nn.Module):
         self.ln2 = make_layer_norm(cfg, tp)
         self.mlp = MLP(cfg, tp)
         self.dropout = cfg.dropout
+        self.recompute = cfg.recompute == "full"
 
     def _bias_dropout_add(self, out: torch.Tensor, bias: torch.Tensor,
                           residual: torch.Tensor) -> torch.Tensor:
@@ -164,8 +215,36 @@ class TransformerLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
+        if self.recompute and _recomputing(self):
+            # The tensors this forward reads: the parameters, or a snapshot a policy put
+            # in their place (torch.func.functional_call). The recompute reads the same.
+            weights = {f"layer.{n}": w for n, w in self.named_parameters()}
+            return checkpoint(self._on_weights, weights, x, rotary, use_reentrant=False,
+                              context_fn=_replay_tracker(self.tp.rng))
+        return self._layer(x, rotary)
+
+    def _on_weights(self, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                    rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        return functional_call(_OnWeights(self), weights, (x, rotary))
+
+    def _layer(self, x: torch.Tensor,
+               rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = self._bias_dropout_add(self.attn(self.ln1(x), rotary), self.attn.proj.bias, x)
         return self._bias_dropout_add(self.mlp(self.ln2(x)), self.mlp.fc2.bias, x)
+
+
+class _OnWeights(nn.Module):
+    """A layer as a child, so ``functional_call`` can run it on given weight tensors (at
+    the recompute the layer's attributes are its parameters again, whatever the forward
+    ran on)."""
+
+    def __init__(self, layer: TransformerLayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        return self.layer._layer(x, rotary)
 
 
 # Parameters whose output feeds the residual stream: Megatron scales their init

@@ -9,18 +9,48 @@ masked. Embedding lookups, norms and softmax are ignored (a few percent).
 where the first term is the dense weights (qkv + proj = 4h^2, MLP = 2hf, head = hV)
 and the second is QK^T and AV over s keys (12 L s h for full attention, halved).
 MFU divides the achieved model FLOP/s by the device's dense (no sparsity) bf16 peak.
+
+``part_costs`` gives the same per-layer and head terms to the pipeline's cost-balanced
+split (``pipeline.layers_per_stage=auto``), plus the small terms the count above leaves
+out but a stage still runs: the embedding (position add, and the backward's scatter into
+the table) and the loss (softmax cross-entropy, a few element-wise passes over V).
 """
 
 from __future__ import annotations
 
 from megatron_paci.config.schema import ModelConfig
 from megatron_paci.model.transformer import ffn_size
+from megatron_paci.pipeline.partition import PartCosts
+
+# Element-wise passes per token, forward + backward, of the parts the count above leaves
+# out: the loss reads the V logits a few times (max, exp-sum, the gradient softmax -
+# onehot), the embedding adds the position row and scatters its gradient back.
+LOSS_PASSES = 6
+EMBEDDING_PASSES = 3
+
+
+def layer_flops_per_token(cfg: ModelConfig) -> float:
+    """One transformer layer, forward + backward: dense weights and causal attention."""
+    h, s = cfg.hidden_size, cfg.seq_length
+    return 6.0 * (4 * h * h + 2 * h * ffn_size(cfg)) + 6.0 * s * h
+
+
+def head_flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """The output layer's matmul, forward + backward."""
+    return 6.0 * cfg.hidden_size * vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
-    h, L, s = cfg.hidden_size, cfg.num_layers, cfg.seq_length
-    dense = L * (4 * h * h + 2 * h * ffn_size(cfg)) + h * vocab_size
-    return 6.0 * dense + 6.0 * L * s * h
+    return cfg.num_layers * layer_flops_per_token(cfg) + head_flops_per_token(cfg, vocab_size)
+
+
+def part_costs(cfg: ModelConfig, vocab_size: int) -> PartCosts:
+    """Per-token cost of a layer, of stage 0's embedding and of the last stage's output
+    layer and loss, for the pipeline's balanced split (the final norm, a few passes over
+    h, is left out as the layers' norms are)."""
+    return PartCosts(layer=layer_flops_per_token(cfg),
+                     embedding=EMBEDDING_PASSES * cfg.hidden_size,
+                     head=head_flops_per_token(cfg, vocab_size) + LOSS_PASSES * vocab_size)
 
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. Matched in

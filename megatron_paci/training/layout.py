@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from megatron_paci.config.schema import Config
 from megatron_paci.parallel.state import ParallelConfigError, check_sizes
-from megatron_paci.pipeline.partition import chunk_layers
+from megatron_paci.pipeline.partition import UNIT_COSTS, chunk_layers
 from megatron_paci.pipeline.registry import get_schedule
 from megatron_paci.pipeline.validate import check_schedule
 
@@ -52,7 +52,7 @@ def validate_layout(cfg: Config, world: int) -> int:
             "which sequence parallelism needs")
     try:
         chunk_layers(m.num_layers, par.pipeline, par.virtual_pipeline,
-                     cfg.pipeline.layers_per_stage)
+                     cfg.pipeline.layers_per_stage, UNIT_COSTS)  # validity only
     except ValueError as e:
         raise ParallelConfigError(str(e)) from None
     if t.global_batch_size % (t.micro_batch_size * dp):

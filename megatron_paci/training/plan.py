@@ -40,10 +40,16 @@ from megatron_paci.config.schema import Config, ModelConfig
 from megatron_paci.model.gpt import padded_vocab_size
 from megatron_paci.model.transformer import ffn_size
 from megatron_paci.parallel.state import ParallelConfigError, layout_table
-from megatron_paci.pipeline.partition import chunk_layers
+from megatron_paci.pipeline.partition import (
+    AUTO,
+    chunk_layers,
+    describe_split,
+    max_over_mean,
+    resolve_sizes,
+)
 from megatron_paci.pipeline.registry import ScheduleSpec, get_schedule, schedule_names
 from megatron_paci.pipeline.simulate import Costs, bubble_fraction, simulate, steady_state_bubble
-from megatron_paci.training.flops import flops_per_token
+from megatron_paci.training.flops import flops_per_token, part_costs
 from megatron_paci.training.layout import validate_layout
 
 GIB = 2**30
@@ -116,8 +122,15 @@ def layer_activation_bytes(m: ModelConfig, micro_batch: int, tp: int = 1,
 
     With ``MEGATRON_FP16``, f = 4h and dropout on, this is the paper's
     s·b·h·(10 + 24/t + 5·a·s/(h·t)), and s·b·h·(34 + 5·a·s/h)/t with sequence parallelism.
+    ``model.recompute=full`` keeps only the layer's input (the recompute's transient copy
+    of one layer is not counted); ``selective`` drops what the attention core keeps: the
+    scores, their mask, or a fused kernel's output.
     """
     s, b, h, a, f = m.seq_length, micro_batch, m.hidden_size, m.num_attention_heads, ffn_size(m)
+    if m.recompute == "full":
+        return s * b * h * sb.residual / (tp if sequence_parallel else 1)
+    if m.recompute == "selective":
+        sb = dataclasses.replace(sb, scores=False, attention_output=False)
     hidden_mask = sb.mask if m.dropout > 0 else 0.0
     score_mask = sb.mask if m.attention_dropout > 0 else 0.0
     # Outside the tensor-parallel region (replicated over tp unless sequence parallel):
@@ -187,14 +200,33 @@ class ChunkShape:
         return self.layers[1] - self.layers[0]
 
 
-def stage_chunks(cfg: Config, spec: ScheduleSpec) -> list[list[ChunkShape]]:
+def split_summary(cfg: Config, padded_vocab: int) -> str:
+    """How ``pipeline.layers_per_stage`` split the layers, each (virtual) stage's FLOPs
+    per token over the mean, and, for another split, the even split's max/mean."""
+    par, lps = cfg.parallel, cfg.pipeline.layers_per_stage
+    virtual = par.pipeline * par.virtual_pipeline
+    costs = part_costs(cfg.model, padded_vocab)
+    sizes = resolve_sizes(cfg.model.num_layers, virtual, lps, costs)
+    how = ("even" if lps is None else "balanced by FLOPs, embedding and output layer "
+           "included" if lps == AUTO else "by hand")
+    out = (f"(pipeline.layers_per_stage={'null' if lps is None else lps}: {how}) "
+           + ("per virtual stage " if par.virtual_pipeline > 1 else "")
+           + describe_split(sizes, costs))
+    if lps is not None:
+        even = resolve_sizes(cfg.model.num_layers, virtual, None)
+        out += f"; the even split {even}: max/mean {max_over_mean(even, costs):.2f}"
+    return out
+
+
+def stage_chunks(cfg: Config, spec: ScheduleSpec, padded_vocab: int) -> list[list[ChunkShape]]:
     """Per pipeline rank, its chunks as this schedule builds them (a tied head is untied
     across stages by the asynchronous schedules: ``spec.stage_model_config``)."""
     par = cfg.parallel
     model = spec.stage_model_config(cfg.model, par.pipeline)
     out = []
     for s, ranges in enumerate(chunk_layers(cfg.model.num_layers, par.pipeline,
-                                            par.virtual_pipeline, cfg.pipeline.layers_per_stage)):
+                                            par.virtual_pipeline, cfg.pipeline.layers_per_stage,
+                                            part_costs(cfg.model, padded_vocab))):
         pre, post = s == 0, s == par.pipeline - 1
         chunks = []
         for c, r in enumerate(ranges):
@@ -329,7 +361,7 @@ def _schedule_plan(cfg: Config, spec: ScheduleSpec, world: int, vocab: int,
     tp, pp, v, sp = par.tensor, par.pipeline, par.virtual_pipeline, par.sequence_parallel
     window = t.global_batch_size // (t.micro_batch_size * dp)
     layer = layer_activation_bytes(m, t.micro_batch_size, tp, sp, sb)
-    for s, chunks in enumerate(stage_chunks(cfg, spec)):
+    for s, chunks in enumerate(stage_chunks(cfg, spec, vocab)):
         counts = [chunk_parameters(m, c, vocab, tp) for c in chunks]
         n = sum(c[0] for c in counts)
         chunk_bytes = []
@@ -419,7 +451,7 @@ def _layout_lines(plan: Plan) -> list[str]:
     cfg = plan.cfg
     tp, pp, dp = cfg.parallel.tensor, cfg.parallel.pipeline, plan.dp
     m = cfg.model
-    chunks = stage_chunks(cfg, get_schedule(cfg.pipeline.schedule))
+    chunks = stage_chunks(cfg, get_schedule(cfg.pipeline.schedule), plan.padded_vocab)
     lines = [f"layout: tensor {tp} x pipeline {pp} x data {dp} = world {plan.world}; "
              f"rank = tp_rank + {tp} * (dp_rank + {dp} * pp_rank)"]
     for s, cs in enumerate(chunks):
@@ -434,6 +466,9 @@ def _layout_lines(plan: Plan) -> list[str]:
                                              else "head tied to the embedding") + ", loss"
             parts.append(what)
         lines.append(f"  stage {s}: ranks {lo}-{hi}: {'; '.join(parts)}")
+    if pp > 1:
+        lines += textwrap.wrap("split " + split_summary(cfg, plan.padded_vocab), 96,
+                               initial_indent="  ", subsequent_indent="    ")
     if plan.world <= 16:
         rows = ", ".join(f"{r['rank']} ({r['tp']},{r['dp']},{r['pp']})"
                          for r in layout_table(plan.world, tp, pp))

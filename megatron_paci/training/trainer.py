@@ -48,7 +48,7 @@ from megatron_paci.pipeline.partition import chunk_layers
 from megatron_paci.pipeline.registry import get_schedule
 from megatron_paci.pipeline.simulate import Timeline, draw
 from megatron_paci.tensor_parallel import model_parallel_seed
-from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token
+from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token, part_costs
 from megatron_paci.training.generate import sample
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.metrics import MetricsWriter, format_eval_line, read_metrics
@@ -58,6 +58,7 @@ from megatron_paci.training.numerics import (
     TrainingDiverged,
     save_blockers,
 )
+from megatron_paci.training.plan import split_summary
 from megatron_paci.training.preemption import (
     EXIT_REQUEUE,
     StopRequests,
@@ -179,7 +180,8 @@ class Trainer:
                            rng=self.rng_tracker, kernels=self.kernels)
         self.chunks = cfg.parallel.virtual_pipeline
         ranges = chunk_layers(cfg.model.num_layers, ps.pipeline_size, self.chunks,
-                              cfg.pipeline.layers_per_stage)[ps.pipeline_rank]
+                              cfg.pipeline.layers_per_stage,
+                              part_costs(cfg.model, self.vocab_size))[ps.pipeline_rank]
         self.stage = StageSpec.of_chunks(ranges, ps.is_first_stage, ps.is_last_stage)
         model_cfg = self.schedule.stage_model_config(cfg.model, ps.pipeline_size)
         self.untied_for_pipeline = model_cfg.tie_embeddings != cfg.model.tie_embeddings
@@ -423,7 +425,8 @@ class Trainer:
                         f"{self.num_micro_batches}"
                         + (f", {self.chunks} model chunks per rank (interleaved)"
                            if self.chunks > 1 else "")
-                        + f"; last stage holds layers {self.stage.describe()}")
+                        + f"; last stage holds layers {self.stage.describe()}; split "
+                        + split_summary(cfg, self.vocab_size))
         if self.untied_for_pipeline:
             self._print(f"pipeline: {self.schedule.title} uses an untied output layer "
                         "(model.tie_embeddings ignored): keeping a tied copy in sync would "
