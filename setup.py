@@ -26,7 +26,8 @@ setup(
         "wandb",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "hypothesis", "ruff", "transformers", "safetensors"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "ruff", "transformers",
+                "safetensors"],
         # For Hugging Face checkpoint import/export.
         "interop": ["transformers", "safetensors"],
         # logging.tensorboard=true writes through torch.utils.tensorboard.

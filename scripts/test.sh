@@ -7,4 +7,6 @@ python3 -m pip install -q -e ".[dev]"
 # One thread per process: the suite spawns several processes on a 2-core machine.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
 python3 -m ruff check .
-python3 -m pytest -q --timeout=600 "$@" tests
+# Two workers (pytest-xdist): much of the suite is one process at a time (unit tests, CLI
+# runs), which leaves the second core idle; PYTEST_WORKERS=0 runs it serially.
+python3 -m pytest -q --timeout=600 -n "${PYTEST_WORKERS:-2}" "$@" tests

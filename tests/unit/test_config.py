@@ -155,6 +155,8 @@ def test_print_command(capsys):
     ("train.loss_spike_factor=1", "'train.loss_spike_factor' must be 0 (off) or a finite"),
     ("train.loss_spike_factor=inf", "'train.loss_spike_factor' must be"),
     ("train.max_consecutive_skips=-1", "'train.max_consecutive_skips' must be >= 0"),
+    ("model.recompute=ful", "'model.recompute': expected one of none, full, selective, got"),
+    ("pipeline.layers_per_stage=even", "expected list[int] (e.g. [3, 1]) or auto, got 'even'"),
 ])
 def test_numbers_and_lists_that_cannot_train_are_refused_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
