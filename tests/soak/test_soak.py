@@ -17,6 +17,7 @@ the kill points (probing only; the recorded run uses the defaults).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -157,6 +159,23 @@ def launch(cmd: list[str], log_path: str) -> subprocess.Popen:
     return proc
 
 
+@contextlib.contextmanager
+def running(cmd: list[str], log_path: str) -> Iterator[subprocess.Popen]:
+    """A launch whose processes are all killed if the test fails while it runs."""
+    proc = launch(cmd, log_path)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None or any(not _zombie(p) for p in descendants(proc.pid)):
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(30)
+        proc.log.close()  # type: ignore[attr-defined]
+
+
 def reap(proc: subprocess.Popen, tree: list[int], timeout: float) -> float:
     """Wait until ``proc`` and every process of ``tree`` are gone; seconds it took.
     Fails (after killing what is left) if they outlive ``timeout``."""
@@ -165,7 +184,6 @@ def reap(proc: subprocess.Popen, tree: list[int], timeout: float) -> float:
         proc.poll()
         alive = [p for p in tree if os.path.exists(f"/proc/{p}") and not _zombie(p)]
         if proc.returncode is not None and not alive:
-            proc.log.close()  # type: ignore[attr-defined]
             return time.monotonic() - start
         time.sleep(0.1)
     for pid in [proc.pid, *tree]:
@@ -263,13 +281,12 @@ class RssSampler(threading.Thread):
 
 def run_a(cmd: list[str], run_dir: str) -> tuple[float, list]:
     start = time.monotonic()
-    proc = launch(cmd, os.path.join(run_dir + ".log"))
-    sampler = RssSampler(proc, run_dir)
-    sampler.start()
-    rc = proc.wait(timeout=3600)
-    sampler.stop.set()
-    sampler.join()
-    proc.log.close()  # type: ignore[attr-defined]
+    with running(cmd, run_dir + ".log") as proc:
+        sampler = RssSampler(proc, run_dir)
+        sampler.start()
+        rc = proc.wait(timeout=3600)
+        sampler.stop.set()
+        sampler.join()
     assert rc == 0, _tail(run_dir + ".log")
     return time.monotonic() - start, sampler.samples
 
@@ -282,29 +299,13 @@ def run_b(cmd: list[str], run_dir: str, kill_at: list[int], kinds: list[str]) ->
     for i in range(len(kill_at) + 1):
         on_disk = complete_checkpoints(run_dir)
         mark = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        proc = launch(cmd, log_path)
         event: dict = {"launch": i + 1, "resume_expected": on_disk[-1] if on_disk else 0}
-        if i == len(kill_at):
-            rc = proc.wait(timeout=3600)
-            proc.log.close()  # type: ignore[attr-defined]
-            assert rc == 0, _tail(log_path)
-        else:
-            while (seen := last_iteration(run_dir)) < kill_at[i]:
-                if proc.poll() is not None:
-                    pytest.fail(f"launch {i + 1} exited ({proc.returncode}) at iteration "
-                                f"{seen}, before its kill at {kill_at[i]}\n" + _tail(log_path))
-                time.sleep(0.02)
-            pids = workers(proc)
-            tree = descendants(proc.pid)
-            kind = kinds[i]
-            targets = {"worker rank 0": [pids[0]], "worker rank 1": [pids[1]],
-                       "torchrun tree": [proc.pid, *tree]}[kind]
-            for pid in targets:
-                os.kill(pid, signal.SIGKILL)
-            event.update(kill=kind, kill_after_iteration=seen)
-            event["teardown_s"] = round(reap(proc, tree, timeout=120), 1)
-            event["exit_code"] = proc.returncode
-            event["last_logged"] = last_iteration(run_dir)
+        with running(cmd, log_path) as proc:
+            if i == len(kill_at):
+                rc = proc.wait(timeout=3600)
+                assert rc == 0, _tail(log_path)
+            else:
+                event.update(kill(proc, run_dir, kill_at[i], kinds[i], log_path))
         with open(log_path) as f:
             f.seek(mark)
             text = f.read()
@@ -312,6 +313,24 @@ def run_b(cmd: list[str], run_dir: str, kill_at: list[int], kinds: list[str]) ->
         event["resumed_at"] = int(m.group(1)) if m else 0
         events.append(event)
     return {"events": events, "wall_s": time.monotonic() - start}
+
+
+def kill(proc: subprocess.Popen, run_dir: str, at: int, kind: str, log_path: str) -> dict:
+    """SIGKILL ``kind`` once metrics.jsonl reaches iteration ``at``; wait for the rest of
+    the run to go (torchrun tears down the other worker)."""
+    while (seen := last_iteration(run_dir)) < at:
+        if proc.poll() is not None:
+            pytest.fail(f"a launch exited ({proc.returncode}) at iteration {seen}, before its "
+                        f"kill at {at}\n" + _tail(log_path))
+        time.sleep(0.02)
+    pids, tree = workers(proc), descendants(proc.pid)
+    targets = {"worker rank 0": [pids[0]], "worker rank 1": [pids[1]],
+               "torchrun tree": [proc.pid, *tree]}[kind]
+    for pid in targets:
+        os.kill(pid, signal.SIGKILL)
+    teardown = reap(proc, tree, timeout=120)
+    return {"kill": kind, "kill_after_iteration": seen, "teardown_s": round(teardown, 1),
+            "exit_code": proc.returncode, "last_logged": last_iteration(run_dir)}
 
 
 def _tail(path: str, n: int = 40) -> str:
@@ -335,6 +354,17 @@ def rss_summary(samples: list) -> dict[int, dict[str, float]]:
                      "last_iteration": after[-1][0], "samples": len(pts),
                      "slope_mb_per_1000": slope}
     return out
+
+
+def rss_by_iteration(samples: list, every: int) -> str:
+    """The first sample at or after each multiple of ``every``, as 'iteration: r0/r1'."""
+    out = []
+    for target in range(every, ITERS + 1, every):
+        hit = next(((it, rss) for _, it, rss in samples if it >= target and len(rss) == 2),
+                   None)
+        if hit:
+            out.append(f"{hit[0]}: {hit[1][0]:.1f}/{hit[1][1]:.1f}")
+    return ", ".join(out)
 
 
 def test_soak_paci_two_stages_killed_three_times(tmp_path):
@@ -390,6 +420,7 @@ def test_soak_paci_two_stages_killed_three_times(tmp_path):
     # Memory: flat after the first window.
     rss = rss_summary(samples)
     print("RSS (MB) per rank:", json.dumps(rss, indent=1))
+    print("RSS (MB) rank 0 / rank 1 by iteration:", rss_by_iteration(samples, 200))
     assert sorted(rss) == [0, 1]
     for rank, r in rss.items():
         assert r["last_iteration"] >= ITERS - 2 * INTERVAL, (rank, r)  # sampled to the end
