@@ -144,6 +144,8 @@ RULES: list[tuple[str, Rule]] = [
                                                 "docs/benchmarks.md")),
     ("bash scripts/bench_schedules.sh", skip("minutes of wall-clock benchmarking on an idle "
                                              "machine; its numbers are in docs/benchmarks.md")),
+    ("python3 -m pytest -m soak", skip("long soak: run by hand, result recorded in "
+                                       "docs/benchmarks.md")),
 ]
 
 
