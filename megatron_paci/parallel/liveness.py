@@ -25,7 +25,7 @@ ALL_ALIVE = "every peer is alive"
 
 
 def _interval(timeout_s: float) -> float:
-    return max(0.5, min(5.0, timeout_s / 8))
+    return max(0.5, min(2.0, timeout_s / 8))
 
 
 class Liveness:
