@@ -144,6 +144,10 @@ RULES: list[tuple[str, Rule]] = [
                                                 "docs/benchmarks.md")),
     ("bash scripts/bench_schedules.sh", skip("minutes of wall-clock benchmarking on an idle "
                                              "machine; its numbers are in docs/benchmarks.md")),
+    # docs/results.md
+    ("python3 scripts/sweep_2bw_delay.py", skip("minutes of training; its numbers are in "
+                                                "docs/results.md, and tests/distributed/"
+                                                "test_2bw_delay.py runs its update rule")),
 ]
 
 
