@@ -2,32 +2,114 @@
 
 Micro-batches run one at a time through every stage, forward then backward.
 Before the forward of micro-batch j on stage s, the stage's parameters are
-set to the weight version the schedule says F(j) sees; before its backward,
-to the version B(j) sees (an in-place write, so the pending backward uses
-those weights for its input gradient and the activations saved at the
-forward for its weight gradient: the live-weight rule). A stage's gradients
-are summed over its window and applied to its newest version with the same
-AdamW arithmetic, LR schedule and clipping rule the real run uses.
+set to the weight version F(j) sees; before its backward, to the version B(j)
+sees (an in-place write through ``.data``, so the pending backward uses those
+weights for its input gradient and the activations saved at the forward for
+its weight gradient: the fp32 live-weight rule). A stage's gradients are
+summed over its window and applied to its newest version.
 
-The versions come from the schedule's action lists (schedules.py), whose
-tables are tested against design.md's formulas; nothing here shares code
-with the executor or the weight-version policies, so distributed runs can be
-compared against it.
+Nothing here comes from the code it checks: the version tables are
+design.md's formulas written out below (not the schedules' action lists or
+the weight-version policies), the LR is a hand-coded warm-up + decay, and the
+update is ``torch.optim.AdamW`` over decay groups built here. An error in
+``pipeline/schedules.py``, ``pipeline/versions.py`` or ``optim/`` therefore
+shows up as a disagreement with this oracle instead of being copied into it.
+
+Only fp32 is modelled. Under bf16 autocast a pending backward takes a
+Linear's input gradient at the bf16 copy made at its forward, not at the live
+weights (docs/schedules/paci.md, "bf16"); the emulator does not model that.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from megatron_paci.config.schema import OptimConfig
-from megatron_paci.optim.lr_schedule import LRSchedule
-from megatron_paci.optim.optimizer import build_adamw, set_lr
-from megatron_paci.pipeline.schedules import schedule_versions
 
+Versions = dict[int, tuple[int, int]]  # j -> (v_F, v_B)
+
+
+# --- design.md's version tables, one segment (windows first .. first+n-1) -----------
+
+def _micro_batches(window: int, num_windows: int, first_window: int) -> range:
+    return range((first_window - 1) * window + 1, (first_window - 1 + num_windows) * window + 1)
+
+
+def flush_versions(stages: int, stage: int, window: int, num_windows: int,
+                   first_window: int = 1) -> Versions:
+    """1F1B-flush: F(j) and B(j) both at v = floor((j-1)/M)."""
+    return {j: ((j - 1) // window,) * 2
+            for j in _micro_batches(window, num_windows, first_window)}
+
+
+def two_bw_versions(stages: int, stage: int, window: int, num_windows: int,
+                    first_window: int = 1) -> Versions:
+    """PipeDream-2BW, every stage: F(j) and B(j) at v = max(0, floor((j-1)/m) - 1)."""
+    return {j: (max(0, (j - 1) // window - 1),) * 2
+            for j in _micro_batches(window, num_windows, first_window)}
+
+
+def paci_versions(stages: int, stage: int, window: int, num_windows: int,
+                  first_window: int = 1) -> Versions:
+    """PACI: v_B = floor((j-1)/a), v_F = floor(max(0, j-(P-s))/a) in the steady order.
+
+    A segment after a drain starts with a fresh warm-up, so v_F counts j from the
+    segment's first micro-batch on top of the updates of earlier segments."""
+    done = first_window - 1
+    out = {}
+    for j in _micro_batches(window, num_windows, first_window):
+        local = j - done * window
+        out[j] = (done + max(0, local - (stages - stage)) // window, (j - 1) // window)
+    return out
+
+
+@dataclass(frozen=True)
+class OracleRule:
+    versions: Callable[[int, int, int, int, int], Versions]
+    global_clip: bool  # flush clips by the norm over every stage; the others per stage
+
+
+RULES = {
+    "1f1b_flush": OracleRule(flush_versions, global_clip=True),
+    "pipedream_2bw": OracleRule(two_bw_versions, global_clip=False),
+    "paci": OracleRule(paci_versions, global_clip=False),
+}
+
+
+# --- LR and AdamW, written here ----------------------------------------------------
+
+def learning_rate(cfg: OptimConfig, total_iters: int, done: int) -> float:
+    """LR of the update after ``done`` updates: linear warm-up to ``lr`` over
+    ``lr_warmup_iters`` updates (the first at lr/warmup), then constant, or a
+    linear or cosine fall to ``min_lr`` reached at ``lr_decay_iters`` (default:
+    ``total_iters``) and held after."""
+    warm = cfg.lr_warmup_iters
+    if done < warm:
+        return cfg.lr * (done + 1) / warm
+    if cfg.lr_decay_style == "constant":
+        return cfg.lr
+    end = total_iters if cfg.lr_decay_iters is None else cfg.lr_decay_iters
+    t = (done - warm) / max(1, end - warm)
+    t = min(1.0, max(0.0, t))
+    shape = 1.0 - t if cfg.lr_decay_style == "linear" else (1.0 + math.cos(math.pi * t)) / 2
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+
+
+def _adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Matrices decay; biases and norm gains (fewer than 2 dims) do not."""
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+# --- the emulation -------------------------------------------------------------------
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -48,7 +130,6 @@ def emulate(
     num_windows: int,
     optim_cfg: OptimConfig,
     total_iters: int,
-    global_clip: bool,
     tied: tuple[str, str] | None = None,
     segments: list[int] | None = None,
 ) -> list[float]:
@@ -59,20 +140,21 @@ def emulate(
     ``segments`` are the windows between drains (evaluation, checkpoints): each
     starts with a fresh warm-up, which changes the versions PACI's forwards see.
     """
+    if schedule not in RULES:
+        raise ValueError(f"the emulator models {sorted(RULES)}, not schedule '{schedule}'")
+    rule = RULES[schedule]
     P = len(stages)
     segments = segments or [num_windows]
     if sum(segments) != num_windows:
         raise ValueError(f"segments {segments} do not add up to {num_windows} windows")
-    versions: list[dict[int, tuple[int, int]]] = [{} for _ in range(P)]
+    versions: list[Versions] = [{} for _ in range(P)]
     first = 1
     for n in segments:
         for s in range(P):
-            versions[s].update(schedule_versions(schedule, P, s, window, n, first))
+            versions[s].update(rule.versions(P, s, window, n, first))
         first += n
     history = [{0: _snapshot(m)} for m in stages]  # stage -> version -> weights
-    optimizers = [build_adamw([(n, p) for n, p in m.named_parameters()], optim_cfg)
-                  for m in stages]
-    lr = [LRSchedule(optim_cfg, total_iters) for _ in stages]
+    optimizers = [_adamw(m, optim_cfg) for m in stages]
     grads = [{n: torch.zeros_like(p) for n, p in m.named_parameters()} for m in stages]
     window_losses: list[float] = []
     losses: list[float] = []
@@ -110,12 +192,13 @@ def emulate(
         if j % window == 0:
             window_losses.append(sum(losses) / len(losses))
             losses = []
-            _step_all(stages, history, optimizers, lr, grads, optim_cfg, global_clip, tied)
+            lr = learning_rate(optim_cfg, total_iters, j // window - 1)
+            _step_all(stages, history, optimizers, lr, grads, optim_cfg, rule.global_clip, tied)
     return window_losses
 
 
-def _step_all(stages, history, optimizers, lr, grads, cfg: OptimConfig, global_clip: bool,
-              tied: tuple[str, str] | None) -> None:
+def _step_all(stages, history, optimizers, lr: float, grads, cfg: OptimConfig,
+              global_clip: bool, tied: tuple[str, str] | None) -> None:
     """Every stage steps after the window's last backward (its newest version + grads)."""
     if tied is not None:
         first, last = tied
@@ -135,9 +218,9 @@ def _step_all(stages, history, optimizers, lr, grads, cfg: OptimConfig, global_c
             scale = cfg.clip_grad / (norms[s] + 1e-6)
         for n, p in model.named_parameters():
             p.grad = grads[s][n] * scale
-        set_lr(optimizers[s], lr[s].lr)
+        for group in optimizers[s].param_groups:
+            group["lr"] = lr
         optimizers[s].step()
-        lr[s].step()
         history[s][newest + 1] = _snapshot(model)
         for g in grads[s].values():
             g.zero_()

@@ -1,4 +1,9 @@
-"""The sequential emulator fed with exactly what a distributed run trains on."""
+"""The sequential emulator fed with exactly what a distributed run trains on.
+
+The model, the data and the stage split come from the project (they are not what
+the comparison checks); the update rule, the LR and the version tables come from
+the emulator, which shares no code with the executor, the policies or optim/.
+"""
 
 from __future__ import annotations
 
@@ -33,4 +38,4 @@ def emulated_losses(cfg, stages: int, data_parallel: int, windows: int,
     # The dp ranks' j-th micro-batches together are one block of the sampler.
     batches = iter(build_pretraining_data_loader(ref.train_ds, 0, mbs * data_parallel, 0, 1))
     return emulate(cfg.pipeline.schedule, models, batches, window, windows, cfg.optim,
-                   cfg.train.iters, traits.global_step, tied, segments)
+                   cfg.train.iters, tied, segments)

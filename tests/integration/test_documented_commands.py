@@ -146,6 +146,10 @@ RULES: list[tuple[str, Rule]] = [
                                              "machine; its numbers are in docs/benchmarks.md")),
     ("python3 -m pytest -m soak", skip("long soak: run by hand, result recorded in "
                                        "docs/benchmarks.md")),
+    # docs/results.md
+    ("python3 scripts/sweep_2bw_delay.py", skip("minutes of training; its numbers are in "
+                                                "docs/results.md, and tests/distributed/"
+                                                "test_2bw_delay.py runs its update rule")),
 ]
 
 
