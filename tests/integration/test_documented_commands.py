@@ -150,6 +150,10 @@ RULES: list[tuple[str, Rule]] = [
     ("python3 scripts/sweep_2bw_delay.py", skip("minutes of training; its numbers are in "
                                                 "docs/results.md, and tests/distributed/"
                                                 "test_2bw_delay.py runs its update rule")),
+    ("bash scripts/compare_schedules.sh", skip("about 20 minutes of training (--quick still 3 "
+                                               "minutes: 4 torchrun runs); its numbers are in "
+                                               "docs/results.md and tests/unit/"
+                                               "test_compare_schedules.py tests its rules")),
 ]
 
 
