@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import resource
@@ -110,7 +109,7 @@ class PeerStage(nn.Module):
         self.blocks = nn.ModuleList(PeerBlock(s) for _ in range(first, last))
         self.norm = nn.LayerNorm(s.hidden) if post else None
         self.head = nn.Linear(s.hidden, s.vocab, bias=False) if post else None
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.ndim >= 2:
                 nn.init.normal_(p, 0.0, 0.02)
 
@@ -165,6 +164,16 @@ def batches(s: Shape, m: int, seed: int = 0):
         i = (i + n) % (pool.shape[0] - n + 1)
 
 
+# Set by ``--cprofile-to``: the loops enable it around their iterations only (set-up and
+# imports left out), as the project's train_segment is wrapped (``cprofile_target``).
+PROFILER = None
+
+
+def profile_iterations(on: bool) -> None:
+    if PROFILER is not None:
+        (PROFILER.enable if on else PROFILER.disable)()
+
+
 def log_iteration(k: int, n: int, loss: float) -> None:
     """The line the benchmark times, in the project's shape (`` iteration  k/  n |``)."""
     print(f" iteration {k:8d}/{n:8d} | lm loss: {loss:.6E} |", flush=True)
@@ -186,6 +195,7 @@ def plain_loop(s: Shape, m: int, iters: int, clip: bool, out: str | None = None)
     opt = adamw(params)
     data = batches(s, m)
     losses, first = [], 0.0
+    profile_iterations(True)
     for k in range(1, iters + 1):
         batch = next(data)
         total = torch.zeros(())
@@ -200,6 +210,7 @@ def plain_loop(s: Shape, m: int, iters: int, clip: bool, out: str | None = None)
         losses.append(total.item())
         log_iteration(k, iters, losses[-1])
         first = first or time.time()
+    profile_iterations(False)
     write_result(out, 0, first)
     return losses
 
@@ -232,6 +243,7 @@ def pipelined_loop(s: Shape, m: int, iters: int, schedule: str, out: str | None)
     data = batches(s, m)
     holds_first, holds_last = rank == 0, rank == P - 1
     first = 0.0
+    profile_iterations(True)
     for k in range(1, iters + 1):
         batch = next(data)
         losses: list[torch.Tensor] = []
@@ -246,6 +258,7 @@ def pipelined_loop(s: Shape, m: int, iters: int, schedule: str, out: str | None)
         if holds_last:
             log_iteration(k, iters, torch.stack(losses).mean().item())
         first = first or time.time()
+    profile_iterations(False)
     write_result(out, rank, first)
     dist.barrier()
     dist.destroy_process_group()
@@ -487,11 +500,277 @@ def describe_configs(names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------
 # Profile
 # --------------------------------------------------------------------------------------
-def profile_main(args: argparse.Namespace) -> int:
-    """cProfile every process of the one-process and P=2 paths of both sides; top costs."""
-    from bench_peer_profile import profile_all  # noqa: F401  (kept next to this file)
+# Where a step's time goes, as (label, file suffix, function name): cumulative time of that
+# function per iteration. Rows nest (hooks run inside backward, the norm inside the step);
+# the table says which row holds which.
+PROJECT_ROWS = [
+    ("training loop (profiled iterations, total)", "", ""),
+    ("  forward (policy.forward -> GPTModel)", "model/gpt.py", "forward"),
+    ("  backward (torch.autograd.backward)", "torch/autograd/__init__.py", "backward"),
+    ("    per-parameter grad hooks (_on_grad_ready)", "optim/grad_sync.py", "_on_grad_ready"),
+    ("  data loading (DataLoader.__next__)", "utils/data/dataloader.py", "__next__"),
+    ("  receive, incl. waiting for the peer (_recv)", "pipeline/executor.py", "_recv"),
+    ("  held/pending sends (_post_held)", "pipeline/executor.py", "_post_held"),
+    ("  pending-send bookkeeping (_keep_until_sent)", "pipeline/executor.py",
+     "_keep_until_sent"),
+    ("  flush barrier (comm.barrier)", "parallel/comm.py", "barrier"),
+    ("  STEP (executor._step)", "pipeline/executor.py", "_step"),
+    ("    Optimizer.step", "optim/optimizer.py", "step"),
+    ("      grad norm (_grad_norm, per-parameter fp64 pass)", "optim/optimizer.py",
+     "_grad_norm"),
+    ("      finish_grad_sync", "optim/grad_sync.py", "finish_grad_sync"),
+    ("      torch AdamW.step", "torch/optim/adamw.py", "step"),
+    ("    zero_grad (GradBuffer)", "optim/grad_sync.py", "zero_grad"),
+    ("    weight-version policy before/after step", "pipeline/versions.py", "after_step"),
+    ("  per-iteration bookkeeping (Trainer._after_step)", "training/trainer.py", "_after_step"),
+    ("    loss to the host (_mean_over_dp)", "training/trainer.py", "_mean_over_dp"),
+    ("    log row + line (_log_train)", "training/trainer.py", "_log_train"),
+    ("  action marks (_event + _read_marks)", "pipeline/executor.py", "_event"),
+    ("  liveness.set_operation per action", "parallel/liveness.py", "set_operation"),
+]
+PEER_ROWS = [
+    ("training loop (profiled iterations, total)", "", ""),
+    ("  schedule.step (pipelining)", "pipelining/schedules.py", "step"),
+    ("  forward (PeerStage)", "bench_peer.py", "forward"),
+    ("  backward (Tensor.backward / autograd)", "torch/_tensor.py", "backward"),
+    ("  backward (pipelining stage_backward)", "pipelining/_backward.py", "stage_backward"),
+    ("  clip_grad_norm_", "nn/utils/clip_grad.py", "clip_grad_norm_"),
+    ("  torch AdamW.step", "torch/optim/adamw.py", "step"),
+    ("  zero_grad", "torch/optim/optimizer.py", "zero_grad"),
+    ("  loss.item() + print (log_iteration)", "bench_peer.py", "log_iteration"),
+]
+PROFILED = ["peer_plain", "project_1p", "peer_1f1b", "project_flush", "project_paci"]
 
-    return profile_all(args)
+
+def profiled_command(c: Config, s: Shape, m: int, iters: int, data: str, run_dir: Path,
+                     ) -> list[str]:
+    """``command`` with every process run under cProfile (``--cprofile-to``)."""
+    cmd = command(c, s, m, iters, data, run_dir)
+    i = next(k for k, a in enumerate(cmd) if a.endswith(".py"))
+    return cmd[:i] + [str(Path(__file__).resolve()), "--cprofile-to",
+                      str(run_dir / "prof")] + cmd[i:]
+
+
+def cprofile_target(path: str, target: list[str]) -> int:
+    """Run ``target`` (pretrain_gpt.py or a peer worker, with arguments) with cProfile on
+    during the training iterations only; stats per rank to ``path.rankR``."""
+    import cProfile
+
+    global PROFILER
+    PROFILER = prof = cProfile.Profile()
+    code = 0
+    try:
+        if Path(target[0]).name == "pretrain_gpt.py":
+            sys.path.insert(0, str(ROOT))
+            from megatron_paci.pipeline.executor import PipelineExecutor
+
+            segment = PipelineExecutor.train_segment
+
+            def profiled(self, *a, **kw):
+                prof.enable()
+                try:
+                    return segment(self, *a, **kw)
+                finally:
+                    prof.disable()
+
+            PipelineExecutor.train_segment = profiled  # the bench's wrapper, not the code's
+            import pretrain_gpt
+
+            code = pretrain_gpt.main(target[1:])
+        else:
+            code = main(target[1:])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    prof.dump_stats(f"{path}.rank{os.environ.get('RANK', '0')}")
+    return code
+
+
+def stage_rows(stats_path: str, rows: list[tuple[str, str, str]], iters: int,
+               ) -> list[tuple[str, float]]:
+    """(label, ms per iteration) of ``rows`` present in one process's profile."""
+    import pstats
+
+    stats = pstats.Stats(stats_path)
+    st = stats.stats
+    out, seen = [], set()
+    for label, suffix, func in rows:
+        # The outermost match (forward nests in forward): the largest cumulative time.
+        ct = (stats.total_tt if not func else
+              max((v[3] for (f, _, name), v in st.items()
+                   if f.endswith(suffix) and name == func), default=0.0))
+        if label == "  action marks (_event + _read_marks)":
+            ct += max((v[3] for (f, _, name), v in st.items()
+                       if f.endswith(suffix) and name == "_read_marks"), default=0.0)
+        if label == "    weight-version policy before/after step":
+            ct += max((v[3] for (f, _, name), v in st.items()
+                       if f.endswith(suffix) and name == "before_step"), default=0.0)
+        if ct > 0 and label not in seen:
+            seen.add(label)
+            out.append((label, 1000.0 * ct / iters))
+    return out
+
+
+def top_functions(stats_path: str, iters: int, n: int = 12) -> list[tuple[str, float]]:
+    """The ``n`` functions with the most own time (tottime), ms per iteration."""
+    import pstats
+
+    st = pstats.Stats(stats_path).stats
+    top = sorted(st.items(), key=lambda kv: -kv[1][2])[:n]
+    return [(f"{Path(f).name}:{line} {name}" if f != "~" else name, 1000.0 * v[2] / iters)
+            for (f, line, name), v in top]
+
+
+def interleaved_medians(fns: dict[str, tuple], reps: int) -> dict[str, float]:
+    """Median ms of each ``(fn, setup)``, the candidates taking turns rep by rep."""
+    xs: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, (fn, setup) in fns.items():
+            if setup:
+                setup()
+            t = time.perf_counter()
+            fn()
+            xs[k].append(time.perf_counter() - t)
+    return {k: 1000.0 * statistics.median(v) for k, v in xs.items()}
+
+
+def microbench(s: Shape, m: int, reps: int = 30) -> list[list[str]]:
+    """Direct timings (no profiler) of candidate costs in one process, on the project's own
+    model and optimizer; each pair differs in one thing only and the two take turns."""
+    from megatron_paci.config.schema import ModelConfig, OptimConfig
+    from megatron_paci.model.gpt import GPTModel
+    from megatron_paci.optim.optimizer import Optimizer
+    from megatron_paci.parallel.state import single_process
+
+    torch.set_num_threads(1)  # as every training process runs
+    cfg = ModelConfig(num_layers=s.num_layers, hidden_size=s.hidden, num_attention_heads=s.heads,
+                      seq_length=s.seq, tie_embeddings=False, dropout=0.0,
+                      attention_dropout=0.0)
+    hooked, plain = GPTModel(cfg, s.vocab), GPTModel(cfg, s.vocab)
+    opt = Optimizer(hooked, OptimConfig(lr=LR, clip_grad=0.0), single_process())
+    gen = torch.Generator().manual_seed(0)
+    mbs = [torch.randint(0, s.vocab - 1, (s.micro_batch, s.seq + 1), generator=gen)
+           for _ in range(m)]
+
+    def fwd_bwd(model, buffer=None):
+        def run() -> None:
+            for i, mb in enumerate(mbs):
+                if buffer is not None:
+                    buffer.sync_enabled = i == m - 1  # as the executor sets it
+                (model(tokens=mb[:, :-1], labels=mb[:, 1:]).mean() / m).backward()
+        return run
+
+    t = interleaved_medians({
+        "hooks": (fwd_bwd(hooked, opt.grad_buffer), opt.zero_grad),
+        "plain": (fwd_bwd(plain), lambda: plain.zero_grad(set_to_none=True))}, reps)
+    rows = [["M forward+backward, per-parameter main_grad hooks vs plain .grad accumulation",
+             f"{t['hooks']:.2f}", f"{t['plain']:.2f}", f"{t['hooks'] - t['plain']:+.2f}"]]
+    peer = peer_model(s)
+
+    def peer_fwd_bwd() -> None:
+        for mb in mbs:
+            (loss_fn(peer(mb[:, :-1]), mb[:, 1:]) / m).backward()
+
+    t = interleaved_medians({
+        "mine": (fwd_bwd(plain), lambda: plain.zero_grad(set_to_none=True)),
+        "peer": (peer_fwd_bwd, lambda: peer.zero_grad(set_to_none=True))}, reps)
+    rows.append(["M forward+backward, no hooks: GPTModel ([s, b, h], kernel dispatch, "
+                 "vocab-parallel cross-entropy) vs the peer's model (batch first, "
+                 "F.cross_entropy)", f"{t['mine']:.2f}", f"{t['peer']:.2f}",
+                 f"{t['mine'] - t['peer']:+.2f}"])
+    from megatron_paci.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    logits = torch.randn(s.seq, s.micro_batch, s.vocab, requires_grad=True, generator=gen)
+    target = torch.randint(0, s.vocab, (s.seq, s.micro_batch), generator=gen)
+    t = interleaved_medians({
+        "mine": (lambda: vocab_parallel_cross_entropy(logits, target, None).mean().backward(),
+                 None),
+        "torch": (lambda: loss_fn(logits, target).backward(), None)}, reps)
+    rows.append(["cross-entropy forward+backward, one micro-batch: vocab_parallel_cross_entropy "
+                 "(tp=1) vs F.cross_entropy", f"{t['mine']:.2f}", f"{t['torch']:.2f}",
+                 f"{t['mine'] - t['torch']:+.2f}"])
+    opt.zero_grad()
+    fwd_bwd(hooked, opt.grad_buffer)()  # gradients in main_grad for what follows
+    grads = [p.main_grad for p in opt.params]
+    t = interleaved_medians({
+        "mine": (opt._grad_norm, None),
+        "torch": (lambda: torch.nn.utils.get_total_norm(grads).item(), None)}, reps)
+    rows.append(["grad norm: Optimizer._grad_norm (fp64, per parameter) vs "
+                 "torch.nn.utils.get_total_norm (fp32), each with .item()",
+                 f"{t['mine']:.2f}", f"{t['torch']:.2f}", f"{t['mine'] - t['torch']:+.2f}"])
+    adams = {}
+    for label, kw in (("default", {}), ("foreach", {"foreach": True}),
+                      ("fused", {"fused": True})):
+        params = [p.detach().clone() for p in opt.params]
+        for q, g in zip(params, grads, strict=True):
+            q.grad = g.clone()
+        o = torch.optim.AdamW([{"params": [q for q in params if q.ndim >= 2],
+                                "weight_decay": WEIGHT_DECAY},
+                               {"params": [q for q in params if q.ndim < 2],
+                                "weight_decay": 0.0}], lr=LR, betas=BETAS, **kw)
+        o.step()  # state allocated outside the timing
+        adams[label] = (o.step, None)
+    opt.step(LR)
+    saved = [g.clone() for g in grads]
+
+    def refill() -> None:
+        for g, x in zip(grads, saved, strict=True):
+            g.copy_(x)
+
+    t = interleaved_medians({"step": (lambda: opt.step(LR), refill), **adams}, reps)
+    rows.append(["Optimizer.step (grad norm + AdamW) vs torch AdamW (default) alone",
+                 f"{t['step']:.2f}", f"{t['default']:.2f}", f"{t['step'] - t['default']:+.2f}"])
+    for label in ("foreach", "fused"):
+        rows.append([f"AdamW default for-loop (the project's and the peer's choice on CPU) vs "
+                     f"{label}=True", f"{t['default']:.2f}", f"{t[label]:.2f}",
+                     f"{t['default'] - t[label]:+.2f}"])
+    return rows
+
+
+def profile_all(args: argparse.Namespace) -> int:
+    """cProfile both sides' one-process and P=2 paths; print per-iteration costs."""
+    from bench_schedules import table
+
+    shape = args.shapes[0]
+    s, m = SHAPES[shape], args.micro_batches[shape][0]
+    work = Path(tempfile.mkdtemp(prefix="bench_peer_prof_"))
+    lines = [f"Profile: {shape} shape, M={m}, {args.iters} iterations under cProfile (which "
+             "inflates Python-heavy code: hooks, executor bookkeeping). ms per iteration, "
+             "cumulative (nested rows are part of their parent).", ""]
+    try:
+        data = make_dataset(work, s, 4 * args.iters * m * s.micro_batch * (s.seq + 1))
+        for name in [n for n in PROFILED if n in args.configs]:
+            c = BY_NAME[name]
+            run_dir = work / name
+            run_dir.mkdir()
+            cmd = profiled_command(c, s, m, args.iters, data, run_dir)
+            env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"profiling {name} failed:\n{proc.stdout[-3000:]}"
+                                   f"{proc.stderr[-3000:]}")
+            rows = PROJECT_ROWS if c.side == "project" else PEER_ROWS
+            per_rank = [stage_rows(str(run_dir / f"prof.rank{r}"), rows, args.iters)
+                        for r in range(c.procs)]
+            labels = list(dict.fromkeys(lab for pr in per_rank for lab, _ in pr))
+            body = [[lab] + [next((f"{v:.2f}" for x, v in pr if x == lab), "-")
+                             for pr in per_rank] for lab in labels]
+            head = ["cost", *(f"rank {r} ms/iter" for r in range(c.procs))]
+            lines += [f"##### {name}: {c.does}", "", table(head, body), ""]
+            for r in range(c.procs):
+                top = top_functions(str(run_dir / f"prof.rank{r}"), args.iters)
+                lines += [f"Top own time, {name} rank {r} (ms/iter): "
+                          + "; ".join(f"{n} {v:.2f}" for n, v in top), ""]
+        lines += [f"##### Direct timings, one process, {shape} shape, M={m} (no profiler, "
+                  "median of 30, the two sides of each row taking turns)", "",
+                  table(["what", "project ms", "alternative ms", "difference ms"],
+                        microbench(s, m)), ""]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -563,6 +842,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--cprofile-to"]:  # a profiled process (internal)
+        return cprofile_target(argv[1], argv[2:])
     args = parse(argv)
     if args.worker:
         s = SHAPES[args.shape]
@@ -574,7 +856,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
     if args.profile:
-        return profile_main(args)
+        return profile_all(args)
     for shape in args.shapes:
         whole, stages = check_parameter_counts(SHAPES[shape])
         print(f"{shape}: {whole} parameters on both sides; P=2 stages {stages}", flush=True)
