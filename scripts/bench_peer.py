@@ -26,6 +26,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -417,13 +418,18 @@ def run_once(c: Config, s: Shape, m: int, rnd: int, args: argparse.Namespace, da
     with open(run_dir / "stdout.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:
-            now = time.perf_counter()
-            log.write(line)
-            hit = ITERATION_LINE.match(line)
-            if hit:
-                stamps.setdefault(int(hit.group(1)), now)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                now = time.perf_counter()
+                log.write(line)
+                hit = ITERATION_LINE.match(line)
+                if hit:
+                    stamps.setdefault(int(hit.group(1)), now)
+            rc = proc.wait()
+        except BaseException:  # stopped (SIGTERM, ^C): torchrun passes SIGTERM to its ranks
+            proc.terminate()
+            proc.wait(30)
+            raise
     (busy1, kids1), wall = cpu_seconds(), time.perf_counter() - t0
     if rc != 0 or len(stamps) < args.iters:
         tail = (run_dir / "stdout.log").read_text().splitlines()[-30:]
@@ -841,6 +847,39 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_all(args: argparse.Namespace, work: Path, runs: list[Run]) -> str:
+    """Every configuration, interleaved over rounds, appended to ``runs``; returns "" or,
+    when stopped (SIGTERM from ``timeout``, ^C), a line saying where."""
+    configs = [BY_NAME[n] for n in args.configs]
+    for shape in args.shapes:
+        s = SHAPES[shape]
+        biggest = max(args.micro_batches[shape], default=1)
+        data = ("DATA" if args.dry_run else
+                make_dataset(work, s, 4 * args.iters * biggest * s.micro_batch * (s.seq + 1)))
+        for m in args.micro_batches[shape]:
+            for rnd in range(1, args.rounds + 1):
+                for c in configs:
+                    if args.dry_run:
+                        print(" ".join(command(c, s, m, args.iters, data,
+                                               work / f"{shape}_M{m}_{c.name}_{rnd}")))
+                        continue
+                    try:
+                        r = run_once(c, s, m, rnd, args, data, work)
+                    except KeyboardInterrupt:
+                        return (f"Stopped during {shape} M={m} round {rnd} ({c.name}); the "
+                                f"{len(runs)} runs finished before are reported.")
+                    print(f"{shape} M={m} round {rnd} {c.name:20s} {r.tokens_per_s:8.0f} "
+                          f"tokens/s, iteration 1 at {r.first_iter_s:4.1f} s, RSS "
+                          f"{'/'.join(f'{x:.0f}' for x in r.rss_mb)} MB, other load "
+                          f"{r.other_cores:.2f} cores", flush=True)
+                    runs.append(r)
+    return ""
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--cprofile-to"]:  # a profiled process (internal)
@@ -860,29 +899,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for shape in args.shapes:
         whole, stages = check_parameter_counts(SHAPES[shape])
         print(f"{shape}: {whole} parameters on both sides; P=2 stages {stages}", flush=True)
-    configs = [BY_NAME[n] for n in args.configs]
     t0, load0 = time.time(), os.getloadavg()[0]
+    signal.signal(signal.SIGTERM, _stop)  # ``timeout``: report the runs finished so far
     work = Path(tempfile.mkdtemp(prefix="bench_peer_"))
     runs: list[Run] = []
     try:
-        for shape in args.shapes:
-            s = SHAPES[shape]
-            biggest = max(args.micro_batches[shape], default=1)
-            data = ("DATA" if args.dry_run else
-                    make_dataset(work, s, 4 * args.iters * biggest * s.micro_batch * (s.seq + 1)))
-            for m in args.micro_batches[shape]:
-                for rnd in range(1, args.rounds + 1):
-                    for c in configs:
-                        if args.dry_run:
-                            print(" ".join(command(c, s, m, args.iters, data,
-                                                   work / f"{shape}_M{m}_{c.name}_{rnd}")))
-                            continue
-                        r = run_once(c, s, m, rnd, args, data, work)
-                        print(f"{shape} M={m} round {rnd} {c.name:20s} {r.tokens_per_s:8.0f} "
-                              f"tokens/s, iteration 1 at {r.first_iter_s:4.1f} s, RSS "
-                              f"{'/'.join(f'{x:.0f}' for x in r.rss_mb)} MB, other load "
-                              f"{r.other_cores:.2f} cores", flush=True)
-                        runs.append(r)
+        stopped = run_all(args, work, runs)
     finally:
         if args.keep_runs:
             print(f"run directories kept in {work}")
@@ -898,6 +920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "received them; ratios are taken within a round, and their median over rounds is "
         "the number to read. Peak RSS per stage is each process's ru_maxrss. 'Other load' is "
         "CPU that processes outside the run used meanwhile, in cores out of 2.", "",
+        *([stopped, ""] if stopped else []),
         "What each side does per step:", "", describe_configs(args.configs), "",
         report(runs, args),
         f"Benchmark wall time: {time.time() - t0:.0f} s; 1-minute load average {load0:.2f} "

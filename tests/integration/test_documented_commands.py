@@ -144,6 +144,10 @@ RULES: list[tuple[str, Rule]] = [
                                                 "docs/benchmarks.md")),
     ("bash scripts/bench_schedules.sh", skip("minutes of wall-clock benchmarking on an idle "
                                              "machine; its numbers are in docs/benchmarks.md")),
+    # the whole comparison takes minutes; --quick (1 round of 4 iterations) on a P=2 run of
+    # each side keeps the documented commands, --profile included, working
+    ("bash scripts/bench_peer.sh", run("--quick", "--configs", "peer_1f1b", "project_flush",
+                                       timeout=300, expect="project_flush")),
 ]
 
 

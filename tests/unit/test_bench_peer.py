@@ -2,17 +2,17 @@
 (parameter count, whole and per stage), the plain peer loop trains, the commands give both
 sides the same work per step, and the report's ratios are medians of per-round ratios.
 
-Its real runs take minutes on an idle machine (docs/benchmarks.md); one P=2
-torch.distributed.pipelining run of 3 iterations keeps that path from rotting.
+Its real runs take minutes on an idle machine (docs/benchmarks.md); the P=2 launches run in
+tests/integration/test_documented_commands.py (``--quick`` on two of them).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
+import math
 import os
+import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,12 +55,12 @@ def test_peer_and_project_models_have_the_same_parameters(bench, shape):
 def test_plain_peer_loop_trains(bench):
     s = bench.SHAPES["small"]
     torch.set_num_threads(1)
-    losses = bench.plain_loop(s, 2, 6, clip=False)
-    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
-    # Random tokens below 2047: the loss starts near ln(2048) and drops as the model
-    # learns the unigram distribution.
-    assert abs(losses[0] - torch.log(torch.tensor(2048.0)).item()) < 0.3
-    assert losses[-1] < losses[0]
+    losses = bench.plain_loop(s, 2, 3, clip=False)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # Uniform random tokens: a near-uniform prediction (init std 0.02) costs about
+    # ln(2047), and nothing better is learnable; the updates move the loss all the same.
+    assert all(abs(x - math.log(2047)) < 0.1 for x in losses)
+    assert len(set(losses)) > 1
 
 
 def test_project_commands_do_the_peers_work(bench, tmp_path):
@@ -116,18 +116,13 @@ def test_arguments(bench):
     assert bench.parse([]).micro_batches == {"small": [2, 4], "compute": [4]}
 
 
-def test_pipelining_peer_runs_on_two_gloo_processes(bench, tmp_path):
-    """Schedule1F1B through torchrun, as the benchmark launches it: every iteration's line
-    on the last rank, a result file per rank."""
-    s = bench.SHAPES["small"]
-    c = bench.BY_NAME["peer_1f1b"]
-    cmd = bench.command(c, s, 2, 3, "DATA", tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=SCRIPTS.parent, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = [x for x in proc.stdout.splitlines() if bench.ITERATION_LINE.match(x)]
-    assert [int(bench.ITERATION_LINE.match(x).group(1)) for x in lines] == [1, 2, 3]
-    for r in range(2):
-        res = json.loads((tmp_path / f"peer.rank{r}.json").read_text())
-        assert res["rank"] == r and res["peak_rss_mb"] > 50 and res["first_iter_unix"] > 0
+def test_dry_run_lists_every_configuration_once_per_round(bench, capsys):
+    assert bench.main(["--dry-run", "--shapes", "small", "--micro-batches", "2",
+                       "--rounds", "2"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "_M2_" in x]
+    assert len(lines) == 2 * len(bench.CONFIGS)
+    for c in bench.CONFIGS:
+        mine = [x for x in lines if re.search(rf"_M2_{c.name}_\d+(/| |$)", x)]
+        assert len(mine) == 2, c.name
+        assert ("torch.distributed.run" in mine[0]) == (c.procs > 1)
+        assert ("pretrain_gpt.py" in mine[0]) == (c.side == "project")
