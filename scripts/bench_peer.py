@@ -525,7 +525,7 @@ PROJECT_ROWS = [
     ("      grad norm (_grad_norm, per-parameter fp64 pass)", "optim/optimizer.py",
      "_grad_norm"),
     ("      finish_grad_sync", "optim/grad_sync.py", "finish_grad_sync"),
-    ("      torch AdamW.step", "torch/optim/adamw.py", "step"),
+    ("      torch AdamW.step", "torch/optim/adam.py", "step"),  # AdamW is an Adam
     ("    zero_grad (GradBuffer)", "optim/grad_sync.py", "zero_grad"),
     ("    weight-version policy before/after step", "pipeline/versions.py", "after_step"),
     ("  per-iteration bookkeeping (Trainer._after_step)", "training/trainer.py", "_after_step"),
@@ -541,7 +541,7 @@ PEER_ROWS = [
     ("  backward (Tensor.backward / autograd)", "torch/_tensor.py", "backward"),
     ("  backward (pipelining stage_backward)", "pipelining/_backward.py", "stage_backward"),
     ("  clip_grad_norm_", "nn/utils/clip_grad.py", "clip_grad_norm_"),
-    ("  torch AdamW.step", "torch/optim/adamw.py", "step"),
+    ("  torch AdamW.step", "torch/optim/adam.py", "step"),
     ("  zero_grad", "torch/optim/optimizer.py", "zero_grad"),
     ("  loss.item() + print (log_iteration)", "bench_peer.py", "log_iteration"),
 ]
@@ -744,7 +744,7 @@ def profile_all(args: argparse.Namespace) -> int:
              "cumulative (nested rows are part of their parent).", ""]
     try:
         data = make_dataset(work, s, 4 * args.iters * m * s.micro_batch * (s.seq + 1))
-        for name in [n for n in PROFILED if n in args.configs]:
+        for name in [n for n in PROFILED if n in args.configs and not args.ab_only]:
             c = BY_NAME[name]
             run_dir = work / name
             run_dir.mkdir()
@@ -767,9 +767,9 @@ def profile_all(args: argparse.Namespace) -> int:
                 lines += [f"Top own time, {name} rank {r} (ms/iter): "
                           + "; ".join(f"{n} {v:.2f}" for n, v in top), ""]
         lines += [f"##### Direct timings, one process, {shape} shape, M={m} (no profiler, "
-                  "median of 30, the two sides of each row taking turns)", "",
+                  f"median of {args.ab_reps}, the two sides of each row taking turns)", "",
                   table(["what", "project ms", "alternative ms", "difference ms"],
-                        microbench(s, m)), ""]
+                        microbench(s, m, args.ab_reps)), ""]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = "\n".join(lines) + "\n"
@@ -820,6 +820,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="1 round of 4 iterations, small shape, M=2 (a check that it runs)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--profile", action="store_true", help="cProfile both sides (see docs)")
+    p.add_argument("--ab-reps", type=int, default=30,
+                   help="repetitions of each direct A/B timing that ends --profile")
+    p.add_argument("--ab-only", action="store_true",
+                   help="with --profile: only the direct A/B timings (no cProfile runs)")
     p.add_argument("--output", help="write the markdown report here (default: print only)")
     p.add_argument("--keep-runs", action="store_true")
     # A peer worker process (internal).
