@@ -154,6 +154,10 @@ RULES: list[tuple[str, Rule]] = [
                                                "minutes: 4 torchrun runs); its numbers are in "
                                                "docs/results.md and tests/unit/"
                                                "test_compare_schedules.py tests its rules")),
+    # The whole comparison takes minutes and --quick still two torchrun launches per side
+    # (about a minute): the documented commands run with --dry-run (every launch line
+    # printed, nothing trained); tests/unit/test_bench_peer.py runs the pieces.
+    ("bash scripts/bench_peer.sh", run("--dry-run", expect="pretrain_gpt.py")),
 ]
 
 
