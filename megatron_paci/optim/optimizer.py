@@ -193,6 +193,13 @@ class Optimizer:
             return self.distributed.state_by_name()
         return optimizer_state_by_name(self.aliases, self.adamw, create=create)
 
+    def local_state(self) -> list[torch.Tensor]:
+        """This rank's own optimizer tensors, with no communication (ZeRO-1: its shard of
+        the moments): what a per-rank check reads, where ``state_by_name`` would gather."""
+        if self.distributed is not None:
+            return [self.distributed.exp_avg, self.distributed.exp_avg_sq]
+        return list(optimizer_state_by_name(self.aliases, self.adamw).values())
+
     def load_state_by_name(self, state: dict[str, torch.Tensor]) -> None:
         """The plain path's tensors are loaded in place; the sharded path copies them
         in, and an optimizer counting steps per group takes its count from them."""

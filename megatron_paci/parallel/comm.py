@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_paci.parallel import liveness
+
 
 class CommStats:
     def __init__(self) -> None:
@@ -55,8 +57,6 @@ class CommError(RuntimeError):
 
 def failure(what: str, group, kind: str, error: BaseException) -> CommError:
     """The error to raise when ``what`` over ``group`` failed with ``error``."""
-    from megatron_paci.parallel import liveness
-
     ranks = (dist.get_process_group_ranks(group) if group is not None
              else list(range(dist.get_world_size())))
     first = short_error(error)

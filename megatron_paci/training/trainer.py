@@ -283,7 +283,8 @@ class Trainer:
     def save(self) -> str | None:
         """Write a checkpoint at this drain, unless the state is not one to resume from
         (then the checkpoints already written stay, and keep-last rotates none out)."""
-        tensors = list(self.model.parameters()) + list(self.optimizer.state_by_name().values())
+        # Each rank checks what it holds (ZeRO-1: its shard); the flags are then agreed.
+        tensors = list(self.model.parameters()) + self.optimizer.local_state()
         non_finite, skipping = save_blockers(tensors, self.skips.streak, self.device)
         if non_finite or skipping:
             why = ("a weight or optimizer moment is not finite" if non_finite else
