@@ -25,6 +25,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import statistics
@@ -738,6 +739,14 @@ def profile_all(args: argparse.Namespace) -> int:
 
     shape = args.shapes[0]
     s, m = SHAPES[shape], args.micro_batches[shape][0]
+    if args.dry_run:  # the profiled launches, then what the A/B part would time
+        for name in [n for n in PROFILED if n in args.configs and not args.ab_only]:
+            run_dir = Path("RUN") / name
+            print(shlex.join(profiled_command(BY_NAME[name], s, m, args.iters, "DATA",
+                                              run_dir)))
+        print(f"then the direct one-process A/B timings, {shape} shape, M={m}, median of "
+              f"{args.ab_reps} (in this process)")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="bench_peer_prof_"))
     lines = [f"Profile: {shape} shape, M={m}, {args.iters} iterations under cProfile (which "
              "inflates Python-heavy code: hooks, executor bookkeeping). ms per iteration, "
@@ -904,12 +913,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         whole, stages = check_parameter_counts(SHAPES[shape])
         print(f"{shape}: {whole} parameters on both sides; P=2 stages {stages}", flush=True)
     t0, load0 = time.time(), os.getloadavg()[0]
-    signal.signal(signal.SIGTERM, _stop)  # ``timeout``: report the runs finished so far
+    # ``timeout``: report the runs finished so far (the caller's handler back at the end)
+    previous = signal.signal(signal.SIGTERM, _stop)
     work = Path(tempfile.mkdtemp(prefix="bench_peer_"))
     runs: list[Run] = []
     try:
         stopped = run_all(args, work, runs)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if args.keep_runs:
             print(f"run directories kept in {work}")
         else:

@@ -27,6 +27,7 @@ KERNELS = {"_layer_norm_fwd", "_layer_norm_bwd", "_rms_norm_fwd", "_rms_norm_bwd
            "_bda_bwd_kernel", "_rotary_kernel", "_ce_forward_kernel", "_ce_backward_kernel"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this triton install ships no cuobjdump")
 def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

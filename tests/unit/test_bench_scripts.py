@@ -113,6 +113,7 @@ def test_gpu_check_is_valid_bash():
     subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
 
 
+@pytest.mark.slow
 @needs_shell
 def test_gpu_check_cpu_smoke_runs_every_step(tmp_path):
     """The script a GPU session runs in one call keeps working between sessions: its
