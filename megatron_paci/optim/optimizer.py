@@ -102,6 +102,7 @@ class Optimizer:
             # (PACI's live weights) sees the new values instead of failing.
             self.aliases = [(n, p.data) for n, p in self.named]
             self.adamw = build_adamw(self.aliases, cfg, kernels.adamw)
+        self._norm_segments = self._counted_segments()
 
     def tie_across_stages(self, param: torch.Tensor) -> None:
         """``param`` is this stage's copy of an embedding tied between the first and
@@ -110,6 +111,19 @@ class Optimizer:
             raise ValueError("optim.distributed_optimizer=true cannot keep an embedding tied "
                              "across pipeline stages; set model.tie_embeddings=false")
         self.tied_embedding = param
+
+    def _counted_segments(self) -> list[tuple[int, int]]:
+        """Buffer ranges of the gradients the norm counts, adjacent ones merged: a few
+        reductions over the flat buffer instead of one (and a float64 copy) per parameter."""
+        ranges = sorted(self.grad_buffer.param_range[id(p)] for p in self.params
+                        if _counted_once(p, self.pstate.tensor_rank))
+        merged: list[list[int]] = []
+        for start, n in ranges:
+            if merged and merged[-1][1] == start:
+                merged[-1][1] = start + n
+            else:
+                merged.append([start, start + n])
+        return [(lo, hi) for lo, hi in merged]
 
     def _shard_norm_weights(self) -> torch.Tensor:
         buf = self.grad_buffer
@@ -134,11 +148,10 @@ class Optimizer:
             total = local.reshape(1)
             comm.all_reduce(total, ps.data_group, "dp")
         else:
-            sq = [p.main_grad.double().pow(2).sum() for p in self.params
-                  if _counted_once(p, ps.tensor_rank)]
-            total = (torch.stack(sq).sum().reshape(1) if sq else
-                     torch.zeros(1, dtype=torch.float64,
-                                 device=self.grad_buffer.buffer.device))
+            buf = self.grad_buffer.buffer
+            total = torch.zeros(1, dtype=torch.float64, device=buf.device)
+            for lo, hi in self._norm_segments:
+                total += torch.linalg.vector_norm(buf[lo:hi], dtype=torch.float64).square()
         comm.all_reduce(total, ps.tensor_group, "tp")
         comm.all_reduce(total, self.norm_pipeline_group, "pp")
         return math.sqrt(total.item())
@@ -163,9 +176,9 @@ class Optimizer:
                 self.distributed.scale_grads(scale)
             self.distributed.step(lr)
             return norm, False
+        if scale != 1.0:
+            self.grad_buffer.buffer.mul_(scale)  # every main_grad at once
         for p, (_, alias) in zip(self.params, self.aliases, strict=True):
-            if scale != 1.0:
-                p.main_grad.mul_(scale)
             alias.grad = p.main_grad if p.dtype == torch.float32 else p.main_grad.to(p.dtype)
         set_lr(self.adamw, lr)
         self.adamw.step()

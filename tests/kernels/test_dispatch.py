@@ -17,6 +17,8 @@ def test_auto_is_torch_on_cpu_with_reason():
     assert {c.backend for c in k.choices.values()} == {"torch"}
     assert "auto: no CUDA device" in k.table()
     assert k.layer_norm is dispatch._TORCH["layer_norm"]
+    # torch's fused AdamW kernel on CPU as well (one pass per parameter)
+    assert k.adamw([{"params": [torch.zeros(2)]}], 1e-3, (0.9, 0.95), 1e-8).defaults["fused"]
 
 
 def test_triton_through_the_interpreter_and_overrides(monkeypatch):

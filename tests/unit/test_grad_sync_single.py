@@ -40,10 +40,12 @@ def test_main_grad_accumulates_like_plain_grad(bucket_size_bytes):
         else:
             F.mse_loss(model(x), y).backward()
         F.mse_loss(ref(x), y).backward()
-    assert len(buf.launch_log) == len(buf.buckets)  # every bucket filled on the last pass
+    assert buf.launch_log == []  # one process: no hook counts arrivals, nothing to launch
     buf.finish_grad_sync()
+    assert [b for b, _ in buf.launch_log] == [b.index for b in buf.buckets]
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        assert p.grad is None
+        assert p.grad is p.main_grad  # autograd accumulated into the buffer view
+        assert p.main_grad.data_ptr() >= buf.buffer.data_ptr()
         torch.testing.assert_close(p.main_grad, q.grad, rtol=0, atol=0)
     assert comm.STATS.snapshot() == {}  # size-1 group: nothing on the wire
 
@@ -84,10 +86,22 @@ def test_frozen_tied_and_layout():
     assert model[4].bias.main_grad.data_ptr() == buf.buffer.data_ptr()
 
 
-def test_second_backward_into_launched_bucket_raises():
+def test_rebound_grad_is_refused_before_the_step():
     model = _model()
     buf = GradBuffer(list(model.named_parameters()), None)
     x, y = _micro_batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    model.zero_grad(set_to_none=True)  # what a stray torch idiom would do
+    F.mse_loss(model(x), y).backward()  # now lands in a fresh .grad, not the buffer
+    with pytest.raises(RuntimeError, match=r"0\.weight\.grad no longer aliases its main_grad"):
+        buf.finish_grad_sync()
+
+
+def test_second_backward_into_launched_bucket_raises():
+    # bf16 parameters keep a hook per parameter (fp32 ones have none in one process)
+    model = _model(torch.bfloat16)
+    buf = GradBuffer(list(model.named_parameters()), None)
+    x, y = _micro_batches(1, torch.bfloat16)[0]
     F.mse_loss(model(x), y).backward()
     assert buf.launch_log == [(0, 6)]  # one bucket, launched by the sixth hook
     with pytest.raises(RuntimeError, match="after its bucket"):
