@@ -347,6 +347,25 @@ class Run:
     wall_s: float
     rss_mb: list[float] = field(default_factory=list)
     other_cores: float = 0.0
+    # The project's own measure of each stage's compute per micro-batch, ms: its forward
+    # and backward actions (every chunk's) plus its STEP spread over the M micro-batches.
+    # Receives and waits are not in it (the executor times actions after their receive).
+    stage_ms: list[float] = field(default_factory=list)
+
+
+def stage_costs(action_ms: dict[str, list[float]], m: int, chunks: int) -> list[float]:
+    """Per-stage compute per micro-batch from a metrics row's ``action_ms`` (mean ms per
+    action kind and stage; a rank holding ``chunks`` chunks runs that many F and B per
+    micro-batch)."""
+    return [chunks * (f + b) + step / m
+            for f, b, step in zip(action_ms["F"], action_ms["B"], action_ms["S"], strict=True)]
+
+
+def pipeline_limit(stage_ms: Sequence[float]) -> float:
+    """The most P stages on P cores can gain over one process doing the same work: total
+    compute per micro-batch over the slowest stage's (one micro-batch per slowest-stage
+    time, at best)."""
+    return sum(stage_ms) / max(stage_ms)
 
 
 def make_dataset(work: Path, s: Shape, tokens: int) -> str:
@@ -439,14 +458,17 @@ def run_once(c: Config, s: Shape, m: int, rnd: int, args: argparse.Namespace, da
     w = args.warmup
     tokens = m * s.micro_batch * s.seq
     tps = tokens * (args.iters - w) / (stamps[args.iters] - stamps[w])
+    costs: list[float] = []
     if c.side == "project":
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rss = [r for r in rows if "peak_rss_mb" in r and "action_ms" in r][-1]["peak_rss_mb"]
+        last = [r for r in rows if "peak_rss_mb" in r and "action_ms" in r][-1]
+        rss = last["peak_rss_mb"]
+        costs = stage_costs(last["action_ms"], m, c.chunks)
     else:
         rss = [json.loads((run_dir / f"peer.rank{r}.json").read_text())["peak_rss_mb"]
                for r in range(c.procs)]
     return Run(c.name, s.name, m, rnd, tps, stamps[1] - t0, wall, rss,
-               max(0.0, (busy1 - busy0) - (kids1 - kids0)) / wall)
+               max(0.0, (busy1 - busy0) - (kids1 - kids0)) / wall, costs)
 
 
 # --------------------------------------------------------------------------------------
@@ -497,7 +519,38 @@ def report(runs: Sequence[Run], args: argparse.Namespace) -> str:
             out += [table(["config", "tokens/s per round", "median tokens/s",
                            "peak RSS MB per stage (mean)", "launch to iteration 1, s (median)",
                            "other load (cores) per round"], rows), ""]
+            out += limit_table(runs, shape, m)
     return "\n".join(out)
+
+
+def limit_table(runs: Sequence[Run], shape: str, m: int) -> list[str]:
+    """Each pipelined project run against its own limit: the speedup over the one-process
+    run of the same round, as a fraction of sum/max of the run's measured stage costs."""
+    from bench_schedules import pair, table
+
+    ones = per_round(runs, shape, m, "project_1p")
+    rows = []
+    for c in CONFIGS:
+        if c.side != "project" or c.procs == 1:
+            continue
+        mine = [(k, r) for k, r in sorted(per_round(runs, shape, m, c.name).items())
+                if r.stage_ms and k in ones]
+        if not mine:
+            continue
+        limits = [pipeline_limit(r.stage_ms) for _, r in mine]
+        speedups = [r.tokens_per_s / ones[k].tokens_per_s for k, r in mine]
+        reached = [x / lim for x, lim in zip(speedups, limits, strict=True)]
+        costs = [statistics.mean(x) for x in zip(*(r.stage_ms for _, r in mine), strict=True)]
+        rows.append([c.name, pair(costs), pair(limits), pair(speedups), pair(reached),
+                     f"**{statistics.median(reached):.0%}**"])
+    if not rows:
+        return []
+    return ["Against the limit: stage compute per micro-batch (F + B + STEP/M, the project's "
+            "own action times, mean over rounds), the limit sum/max of it, the speedup over "
+            "project_1p in the same round, and the fraction of the limit that is (per round, "
+            "then the median).", "",
+            table(["config", "stage ms per micro-batch", "limit", "speedup over project_1p",
+                   "fraction of limit", "median"], rows), ""]
 
 
 def describe_configs(names: Sequence[str]) -> str:
@@ -514,7 +567,7 @@ PROJECT_ROWS = [
     ("training loop (profiled iterations, total)", "", ""),
     ("  forward (policy.forward -> GPTModel)", "model/gpt.py", "forward"),
     ("  backward (torch.autograd.backward)", "torch/autograd/__init__.py", "backward"),
-    ("    per-parameter grad hooks (_on_grad_ready)", "optim/grad_sync.py", "_on_grad_ready"),
+    ("    grad hooks (bf16 params or dp > 1 only)", "optim/grad_sync.py", "_on_grad_ready"),
     ("  data loading (DataLoader.__next__)", "utils/data/dataloader.py", "__next__"),
     ("  receive, incl. waiting for the peer (_recv)", "pipeline/executor.py", "_recv"),
     ("  held/pending sends (_post_held)", "pipeline/executor.py", "_post_held"),
@@ -523,7 +576,7 @@ PROJECT_ROWS = [
     ("  flush barrier (comm.barrier)", "parallel/comm.py", "barrier"),
     ("  STEP (executor._step)", "pipeline/executor.py", "_step"),
     ("    Optimizer.step", "optim/optimizer.py", "step"),
-    ("      grad norm (_grad_norm, per-parameter fp64 pass)", "optim/optimizer.py",
+    ("      grad norm (_grad_norm, fp64 over buffer segments)", "optim/optimizer.py",
      "_grad_norm"),
     ("      finish_grad_sync", "optim/grad_sync.py", "finish_grad_sync"),
     ("      torch AdamW.step", "torch/optim/adam.py", "step"),  # AdamW is an Adam
@@ -669,7 +722,8 @@ def microbench(s: Shape, m: int, reps: int = 30) -> list[list[str]]:
     t = interleaved_medians({
         "hooks": (fwd_bwd(hooked, opt.grad_buffer), opt.zero_grad),
         "plain": (fwd_bwd(plain), lambda: plain.zero_grad(set_to_none=True))}, reps)
-    rows = [["M forward+backward, per-parameter main_grad hooks vs plain .grad accumulation",
+    rows = [["M forward+backward, into GradBuffer (.grad aliases main_grad) vs plain .grad "
+             "accumulation",
              f"{t['hooks']:.2f}", f"{t['plain']:.2f}", f"{t['hooks'] - t['plain']:+.2f}"]]
     peer = peer_model(s)
 
@@ -701,7 +755,7 @@ def microbench(s: Shape, m: int, reps: int = 30) -> list[list[str]]:
     t = interleaved_medians({
         "mine": (opt._grad_norm, None),
         "torch": (lambda: torch.nn.utils.get_total_norm(grads).item(), None)}, reps)
-    rows.append(["grad norm: Optimizer._grad_norm (fp64, per parameter) vs "
+    rows.append(["grad norm: Optimizer._grad_norm (fp64, buffer segments) vs "
                  "torch.nn.utils.get_total_norm (fp32), each with .item()",
                  f"{t['mine']:.2f}", f"{t['torch']:.2f}", f"{t['mine'] - t['torch']:+.2f}"])
     adams = {}
@@ -724,10 +778,10 @@ def microbench(s: Shape, m: int, reps: int = 30) -> list[list[str]]:
             g.copy_(x)
 
     t = interleaved_medians({"step": (lambda: opt.step(LR), refill), **adams}, reps)
-    rows.append(["Optimizer.step (grad norm + AdamW) vs torch AdamW (default) alone",
+    rows.append(["Optimizer.step (grad norm + fused AdamW) vs torch AdamW (default) alone",
                  f"{t['step']:.2f}", f"{t['default']:.2f}", f"{t['step'] - t['default']:+.2f}"])
     for label in ("foreach", "fused"):
-        rows.append([f"AdamW default for-loop (the project's and the peer's choice on CPU) vs "
+        rows.append([f"AdamW default for-loop (the peer's choice on CPU) vs "
                      f"{label}=True", f"{t['default']:.2f}", f"{t[label]:.2f}",
                      f"{t['default'] - t[label]:+.2f}"])
     return rows

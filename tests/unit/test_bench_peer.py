@@ -107,6 +107,24 @@ def test_report_takes_the_median_of_per_round_ratios(bench):
     assert "| peer_1f1b | 50 / 400 / 150 | 150 | 3 / 4 |" in text
 
 
+def test_limit_is_total_stage_cost_over_the_slowest_and_reached_is_per_round(bench):
+    # metrics.jsonl's action_ms: mean ms per action, per stage; interleaved ranks run 2 F
+    # and 2 B per micro-batch; the STEP is spread over M=4 micro-batches
+    costs = bench.stage_costs({"F": [2.0, 3.0], "B": [4.0, 5.0], "S": [8.0, 4.0]}, 4, 1)
+    assert costs == [2 + 4 + 2, 3 + 5 + 1]
+    assert bench.stage_costs({"F": [1.0], "B": [2.0], "S": [4.0]}, 4, 2) == [2 * 3 + 1]
+    assert bench.pipeline_limit([8.0, 9.0]) == 17 / 9
+    Run = bench.Run
+    one = [Run("project_1p", "small", 4, k, x, 1.0, 2.0, [1.0]) for k, x in ((1, 100.0),
+                                                                             (2, 200.0))]
+    # round 1: 150 tokens/s = 1.5x, limit 2 -> 75%; round 2: 300 = 1.5x, limit 1.5 -> 100%
+    paci = [Run("project_paci", "small", 4, 1, 150.0, 1.0, 2.0, [1.0, 1.0], 0.0, [5.0, 5.0]),
+            Run("project_paci", "small", 4, 2, 300.0, 1.0, 2.0, [1.0, 1.0], 0.0, [4.0, 2.0])]
+    text = "\n".join(bench.limit_table(one + paci, "small", 4))
+    assert "| project_paci | 4.50 / 3.50 | 2.00 / 1.50 | 1.50 / 1.50 | 0.75 / 1.00 | **88%** |" \
+        in text
+
+
 def test_arguments(bench):
     a = bench.parse(["--quick"])
     assert (a.rounds, a.iters, a.warmup, a.shapes, a.micro_batches) == \
