@@ -21,6 +21,7 @@ process (``--worker``) neither loads nor pays for it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -280,6 +281,7 @@ class Config:
     clip: bool = False
     chunks: int = 1
     does: str = ""
+    overrides: tuple[str, ...] = ()  # --ab: config overrides of a project variant
 
 
 CONFIGS = [
@@ -407,7 +409,7 @@ def project_overrides(c: Config, s: Shape, m: int, iters: int, data: str, run_di
         f"optim.weight_decay={WEIGHT_DECAY}", f"optim.adam_beta1={BETAS[0]}",
         f"optim.adam_beta2={BETAS[1]}",
         f"parallel.pipeline={c.procs}", f"parallel.virtual_pipeline={c.chunks}",
-        f"pipeline.schedule={c.schedule}", *split,
+        f"pipeline.schedule={c.schedule}", *split, *c.overrides,
     ]
 
 
@@ -520,7 +522,27 @@ def report(runs: Sequence[Run], args: argparse.Namespace) -> str:
                            "peak RSS MB per stage (mean)", "launch to iteration 1, s (median)",
                            "other load (cores) per round"], rows), ""]
             out += limit_table(runs, shape, m)
+            out += ab_table(runs, args, shape, m)
     return "\n".join(out)
+
+
+def ab_table(runs: Sequence[Run], args: argparse.Namespace, shape: str, m: int) -> list[str]:
+    """``--ab KEY=VALUE``: each project configuration's variant against it, per round."""
+    from bench_schedules import pair, table
+
+    if not args.ab:
+        return []
+    rows = []
+    for name in args.configs:
+        variant = f"{name}+{args.ab}"
+        rs = round_ratios(runs, shape, m, variant, name)
+        if rs:
+            tps = [r.tokens_per_s for _, r in sorted(per_round(runs, shape, m, variant).items())]
+            rows.append([name, pair(tps, "{:.0f}"), pair(rs), f"**{statistics.median(rs):.2f}**"])
+    return [f"A/B: `{args.ab}` against each project configuration without it (same round, "
+            "launched right after it).", "",
+            table(["config", f"tokens/s with {args.ab} per round", "ratio to without",
+                   "median"], rows), ""] if rows else []
 
 
 def limit_table(runs: Sequence[Run], shape: str, m: int) -> list[str]:
@@ -887,6 +909,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="repetitions of each direct A/B timing that ends --profile")
     p.add_argument("--ab-only", action="store_true",
                    help="with --profile: only the direct A/B timings (no cProfile runs)")
+    p.add_argument("--ab", metavar="KEY=VALUE",
+                   help="also run every project configuration with this config override, "
+                        "right after it in each round, and report the ratio (e.g. "
+                        "data.prefetch=0)")
     p.add_argument("--output", help="write the markdown report here (default: print only)")
     p.add_argument("--keep-runs", action="store_true")
     # A peer worker process (internal).
@@ -917,7 +943,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_all(args: argparse.Namespace, work: Path, runs: list[Run]) -> str:
     """Every configuration, interleaved over rounds, appended to ``runs``; returns "" or,
     when stopped (SIGTERM from ``timeout``, ^C), a line saying where."""
-    configs = [BY_NAME[n] for n in args.configs]
+    configs = []
+    for c in (BY_NAME[n] for n in args.configs):
+        configs.append(c)
+        if args.ab and c.side == "project":  # the variant right after its base, every round
+            configs.append(dataclasses.replace(c, name=f"{c.name}+{args.ab}",
+                                               overrides=(args.ab,)))
     for shape in args.shapes:
         s = SHAPES[shape]
         biggest = max(args.micro_batches[shape], default=1)

@@ -335,7 +335,8 @@ def validate(cfg: Config) -> None:
         v = getattr(o, key.split(".")[1])
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {v}")
-    for key in ("model.init_std", "train.exit_duration_mins", "data.num_workers"):
+    for key in ("model.init_std", "train.exit_duration_mins", "data.num_workers",
+                "data.prefetch"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got "

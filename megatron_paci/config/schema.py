@@ -46,6 +46,9 @@ class DataConfig:
     split: str = "969,30,1"
     cache_dir: str | None = None
     num_workers: int = 0
+    # Micro-batches read ahead on a background thread while a stage waits on its peers
+    # (data/prefetch.py); 0 reads each on the critical path. Same batches either way.
+    prefetch: int = 2
 
 
 @dataclass

@@ -28,6 +28,7 @@ from megatron_paci.checkpoint.parts import (
 from megatron_paci.config.loader import ConfigError, format_config, to_yaml
 from megatron_paci.config.schema import Config
 from megatron_paci.data.gpt_dataset import build_gpt_datasets
+from megatron_paci.data.prefetch import prefetched
 from megatron_paci.data.sampler import build_pretraining_data_loader
 from megatron_paci.data.tokenizer import build_tokenizer
 from megatron_paci.data.tokenizer_record import check_dataset_tokenizers
@@ -341,9 +342,11 @@ class Trainer:
         """Batches for the stages that read data (first: tokens, last: labels)."""
         if not (self.stage.pre_process or self.stage.post_process):
             return None
-        return iter(build_pretraining_data_loader(
+        d = self.cfg.data
+        loader = iter(build_pretraining_data_loader(
             dataset, consumed, self.cfg.train.micro_batch_size, self.pstate.data_rank,
-            self.pstate.data_size, self.cfg.data.num_workers))
+            self.pstate.data_size, d.num_workers))
+        return prefetched(loader, d.prefetch if d.num_workers == 0 else 0)
 
     def evaluate(self) -> float | None:
         """Forward-only pass through the (drained) pipeline; the loss on the last stage."""

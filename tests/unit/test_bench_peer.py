@@ -125,6 +125,23 @@ def test_limit_is_total_stage_cost_over_the_slowest_and_reached_is_per_round(ben
         in text
 
 
+def test_ab_variant_runs_after_its_base_and_is_reported_per_round(bench, capsys):
+    args = bench.parse(["--quick", "--dry-run", "--configs", "peer_1f1b", "project_paci",
+                        "--ab", "data.prefetch=0"])
+    bench.run_all(args, Path("/nonexistent"), [])
+    lines = [x for x in capsys.readouterr().out.splitlines() if "pretrain_gpt.py" in x
+             or "--worker" in x]
+    assert len(lines) == 3 and "--worker" in lines[0]  # the peer gets no variant
+    assert "data.prefetch=0" not in lines[1] and lines[2].endswith("data.prefetch=0")
+    Run = bench.Run
+    runs = [Run("project_paci", "small", 2, k, x, 1.0, 2.0, [1.0, 1.0]) for k, x in
+            ((1, 100.0), (2, 200.0))]
+    runs += [Run("project_paci+data.prefetch=0", "small", 2, k, x, 1.0, 2.0, [1.0, 1.0])
+             for k, x in ((1, 90.0), (2, 220.0))]
+    text = "\n".join(bench.ab_table(runs, args, "small", 2))
+    assert "| project_paci | 90 / 220 | 0.90 / 1.10 | **1.00** |" in text
+
+
 def test_arguments(bench):
     a = bench.parse(["--quick"])
     assert (a.rounds, a.iters, a.warmup, a.shapes, a.micro_batches) == \
