@@ -912,7 +912,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ab", metavar="KEY=VALUE",
                    help="also run every project configuration with this config override, "
                         "right after it in each round, and report the ratio (e.g. "
-                        "data.prefetch=0)")
+                        "data.prefetch=2)")
     p.add_argument("--output", help="write the markdown report here (default: print only)")
     p.add_argument("--keep-runs", action="store_true")
     # A peer worker process (internal).

@@ -47,8 +47,10 @@ class DataConfig:
     cache_dir: str | None = None
     num_workers: int = 0
     # Micro-batches read ahead on a background thread while a stage waits on its peers
-    # (data/prefetch.py); 0 reads each on the critical path. Same batches either way.
-    prefetch: int = 2
+    # (data/prefetch.py); 0 reads each on the critical path. Same batches either way. Off
+    # by default: on 2 CPU cores the thread took CPU from compute and gained nothing
+    # (docs/benchmarks.md, the data.prefetch A/B); a GPU run's idle host may gain.
+    prefetch: int = 0
 
 
 @dataclass

@@ -5,6 +5,10 @@ its time blocked in a receive from a neighbour (gloo and NCCL waits release the 
 A thread that keeps ``depth`` micro-batches ready turns that idle time into reading
 time, in the same order, so a run is bit-identical with or without it. With
 ``data.num_workers > 0`` the DataLoader's worker processes already read ahead.
+
+``data.prefetch`` is 0 (off) by default: on the 2-core CPU machine the benchmarks run
+on, the thread competes with compute for the stage's one core and the A/B in
+docs/benchmarks.md showed no gain; it is kept for hosts with idle cores (a GPU run).
 """
 
 from __future__ import annotations
