@@ -567,6 +567,10 @@ def limit_table(runs: Sequence[Run], shape: str, m: int) -> list[str]:
                      f"**{statistics.median(reached):.0%}**"])
     if not rows:
         return []
+    # The one-process run's own F + B + STEP/M: what the stages' sum compares against.
+    one = [r.stage_ms[0] for _, r in sorted(ones.items()) if r.stage_ms]
+    if one:
+        rows.append(["project_1p (whole model, for reference)", pair(one), "-", "-", "-", "-"])
     return ["Against the limit: stage compute per micro-batch (F + B + STEP/M, the project's "
             "own action times, mean over rounds), the limit sum/max of it, the speedup over "
             "project_1p in the same round, and the fraction of the limit that is (per round, "

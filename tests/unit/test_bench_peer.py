@@ -115,14 +115,15 @@ def test_limit_is_total_stage_cost_over_the_slowest_and_reached_is_per_round(ben
     assert bench.stage_costs({"F": [1.0], "B": [2.0], "S": [4.0]}, 4, 2) == [2 * 3 + 1]
     assert bench.pipeline_limit([8.0, 9.0]) == 17 / 9
     Run = bench.Run
-    one = [Run("project_1p", "small", 4, k, x, 1.0, 2.0, [1.0]) for k, x in ((1, 100.0),
-                                                                             (2, 200.0))]
+    one = [Run("project_1p", "small", 4, k, x, 1.0, 2.0, [1.0], 0.0, [c])
+           for k, x, c in ((1, 100.0, 20.0), (2, 200.0, 18.0))]
     # round 1: 150 tokens/s = 1.5x, limit 2 -> 75%; round 2: 300 = 1.5x, limit 1.5 -> 100%
     paci = [Run("project_paci", "small", 4, 1, 150.0, 1.0, 2.0, [1.0, 1.0], 0.0, [5.0, 5.0]),
             Run("project_paci", "small", 4, 2, 300.0, 1.0, 2.0, [1.0, 1.0], 0.0, [4.0, 2.0])]
     text = "\n".join(bench.limit_table(one + paci, "small", 4))
     assert "| project_paci | 4.50 / 3.50 | 2.00 / 1.50 | 1.50 / 1.50 | 0.75 / 1.00 | **88%** |" \
         in text
+    assert "| project_1p (whole model, for reference) | 20.00 / 18.00 | - |" in text
 
 
 def test_ab_variant_runs_after_its_base_and_is_reported_per_round(bench, capsys):
