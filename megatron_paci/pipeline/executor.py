@@ -135,7 +135,7 @@ class PipelineExecutor:
         self.stages = pstate.pipeline_size
         self.ranks = pstate.pipeline_ranks
         self.telemetry = Telemetry(stage=self.stage)
-        self._pending_sends: list[tuple[Any, torch.Tensor]] = []
+        self._pending_sends: list[tuple[Any, torch.Tensor, int]] = []  # (work, tensor, peer)
         self._held: tuple[torch.Tensor, int] | None = None  # a send not posted yet
         self.clock = clock_for(device)
         self._t0 = self.clock.mark()
@@ -225,29 +225,33 @@ class PipelineExecutor:
         before that one. On NCCL a wait only orders streams.
         """
         unfinished = []
-        for work, tensor in self._pending_sends:
+        for work, tensor, peer in self._pending_sends:
             if work.is_completed():
-                self._wait_send(work)  # returns at once; raises if the send failed
+                self._wait_send(work, peer)  # returns at once; raises if the send failed
             else:
-                unfinished.append((work, tensor))
-        unfinished.extend((w, t) for w in works for t, _ in sends)
+                unfinished.append((work, tensor, peer))
+        unfinished.extend((w, t, peer) for w in works for t, peer in sends)
         while len(unfinished) > 2 * self.stages:
-            self._wait_send(unfinished.pop(0)[0])
+            work, _, peer = unfinished.pop(0)
+            self._wait_send(work, peer)
         self._pending_sends = unfinished
         self.telemetry.peak_unfinished_sends = max(self.telemetry.peak_unfinished_sends,
                                                    len(self._pending_sends))
 
-    def _wait_send(self, work: Any) -> None:
+    def _wait_send(self, work: Any, peer: int) -> None:
         try:
             work.wait()
-        except Exception as e:
-            raise PipelineError(f"stage {self.stage} (rank {self.pstate.rank}): a send "
-                                f"to a neighbouring stage failed: {e}") from e
+        except Exception as e:  # gloo: peer closed or timed out
+            peers = liveness.explain([peer])
+            raise PipelineError(
+                f"stage {self.stage} (rank {self.pstate.rank}): a send to stage "
+                f"{self.ranks.index(peer)} (rank {peer}) failed: {comm.short_error(e)}"
+                + (f"; {peers}" if peers else "")) from e
 
     def _drain_sends(self) -> None:
         self._post_held()
-        for work, _ in self._pending_sends:
-            self._wait_send(work)
+        for work, _, peer in self._pending_sends:
+            self._wait_send(work, peer)
         self._pending_sends.clear()
 
     # --- actions -----------------------------------------------------------
