@@ -523,7 +523,33 @@ def report(runs: Sequence[Run], args: argparse.Namespace) -> str:
                            "other load (cores) per round"], rows), ""]
             out += limit_table(runs, shape, m)
             out += ab_table(runs, args, shape, m)
+            out += side_table(runs, args, shape, m)
     return "\n".join(out)
+
+
+def side_table(runs: Sequence[Run], args: argparse.Namespace, shape: str,
+               m: int) -> list[str]:
+    """``--side-by-side``: each copy's tokens/s beside a neighbour over the same
+    configuration alone in that round."""
+    from bench_schedules import pair, table
+
+    rows = []
+    for name in args.configs:
+        alone = per_round(runs, shape, m, name)
+        firsts, seconds = (per_round(runs, shape, m, f"{name}{PAIR}{k}") for k in (1, 2))
+        rounds = sorted(alone.keys() & firsts.keys() & seconds.keys())
+        if not rounds:
+            continue
+        ratios = [statistics.mean([firsts[k].tokens_per_s, seconds[k].tokens_per_s])
+                  / alone[k].tokens_per_s for k in rounds]
+        rows.append([name, pair([alone[k].tokens_per_s for k in rounds], "{:.0f}"),
+                     " / ".join(f"{firsts[k].tokens_per_s:.0f}+{seconds[k].tokens_per_s:.0f}"
+                                for k in rounds),
+                     pair(ratios), f"**{statistics.median(ratios):.2f}**"])
+    return ["Side by side: two copies launched together (one per core), each copy's tokens/s "
+            "over the configuration alone in the same round.", "",
+            table(["config", "alone tokens/s", "two at once, tokens/s each",
+                   "mean of the two / alone", "median"], rows), ""] if rows else []
 
 
 def ab_table(runs: Sequence[Run], args: argparse.Namespace, shape: str, m: int) -> list[str]:
@@ -917,6 +943,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also run every project configuration with this config override, "
                         "right after it in each round, and report the ratio (e.g. "
                         "data.prefetch=2)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="also run two copies of every one-process configuration at once in "
+                        "each round: how much a process slows beside a neighbour")
     p.add_argument("--output", help="write the markdown report here (default: print only)")
     p.add_argument("--keep-runs", action="store_true")
     # A peer worker process (internal).
@@ -975,7 +1004,27 @@ def run_all(args: argparse.Namespace, work: Path, runs: list[Run]) -> str:
                           f"{'/'.join(f'{x:.0f}' for x in r.rss_mb)} MB, other load "
                           f"{r.other_cores:.2f} cores", flush=True)
                     runs.append(r)
+                    if args.side_by_side and c.procs == 1:
+                        pair = side_by_side(c, s, m, rnd, args, data, work)
+                        print(f"{shape} M={m} round {rnd} {c.name:20s} two at once: "
+                              + " / ".join(f"{x.tokens_per_s:.0f}" for x in pair)
+                              + " tokens/s", flush=True)
+                        runs.extend(pair)
     return ""
+
+
+def side_by_side(c: Config, s: Shape, m: int, rnd: int, args: argparse.Namespace, data: str,
+                 work: Path) -> list[Run]:
+    """Two copies of a one-process configuration launched together, one per core: how much
+    a process slows beside a neighbour (P=2 stages always have one)."""
+    import concurrent.futures
+
+    copies = [dataclasses.replace(c, name=f"{c.name}{PAIR}{k}") for k in (1, 2)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda x: run_once(x, s, m, rnd, args, data, work), copies))
+
+
+PAIR = "_side"
 
 
 def _stop(signum, frame):

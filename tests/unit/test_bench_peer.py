@@ -143,6 +143,22 @@ def test_ab_variant_runs_after_its_base_and_is_reported_per_round(bench, capsys)
     assert "| project_paci | 90 / 220 | 0.90 / 1.10 | **1.00** |" in text
 
 
+def test_side_by_side_reports_each_copy_over_alone_per_round(bench):
+    args = bench.parse(["--shapes", "small", "--micro-batches", "4", "--side-by-side",
+                        "--configs", "peer_plain", "project_1p"])
+    Run = bench.Run
+    runs = []
+    for name, alone, a, b in (("peer_plain", (100.0, 120.0), (100.0, 120.0), (100.0, 120.0)),
+                              ("project_1p", (100.0, 100.0), (80.0, 90.0), (90.0, 100.0))):
+        for k in (1, 2):
+            runs += [Run(name, "small", 4, k, alone[k - 1], 1.0, 2.0, [1.0]),
+                     Run(f"{name}_side1", "small", 4, k, a[k - 1], 1.0, 2.0, [1.0]),
+                     Run(f"{name}_side2", "small", 4, k, b[k - 1], 1.0, 2.0, [1.0])]
+    text = "\n".join(bench.side_table(runs, args, "small", 4))
+    assert "| peer_plain | 100 / 120 | 100+100 / 120+120 | 1.00 / 1.00 | **1.00** |" in text
+    assert "| project_1p | 100 / 100 | 80+90 / 90+100 | 0.85 / 0.95 | **0.90** |" in text
+
+
 def test_arguments(bench):
     a = bench.parse(["--quick"])
     assert (a.rounds, a.iters, a.warmup, a.shapes, a.micro_batches) == \
