@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
 
 from megatron_paci.checkpoint.integrity import (
@@ -24,7 +23,6 @@ from megatron_paci.config import ConfigError, format_config, parse_args
 from megatron_paci.parallel import liveness
 from megatron_paci.parallel.comm import CommError, peer_failure
 from megatron_paci.parallel.state import (
-    FAIL_WAIT_S,
     ParallelConfigError,
     fail_on_all_ranks,
     initialize,
@@ -133,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         # Too many skipped updates in a row: one line per stage that stopped (one for
         # the run when skips are decided globally); exit 1, a failure, not bad input.
-        if e.report:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        elif "TORCHELASTIC_RUN_ID" in os.environ:
-            time.sleep(FAIL_WAIT_S)  # let the reporting rank print before torchrun stops it
-        return 1
+        fail_on_all_ranks(str(e), code=1, speaks=e.report)
     except BaseException as e:
         # Not only Exception: torch.distributed.checkpoint's CheckpointException is a
         # BaseException, and a rank stopped by one still says so below.

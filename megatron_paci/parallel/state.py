@@ -213,11 +213,12 @@ def shutdown() -> None:
             dist.destroy_process_group()
 
 
-def fail_on_all_ranks(message: str, code: int = 2) -> None:
-    """Same error everywhere, printed once: rank 0 speaks, every rank exits. A message of
+def fail_on_all_ranks(message: str, code: int = 2, speaks: bool | None = None) -> None:
+    """Same error everywhere, printed once: rank 0 speaks (or whichever ranks ``speaks``
+    says, e.g. one per pipeline stage that stopped), every rank exits. A message of
     several lines (every bad key of one config) prints as one ``error:`` line each."""
     rank, _, _ = world_from_env()
-    if rank == 0:
+    if rank == 0 if speaks is None else speaks:
         print("\n".join(f"error: {line}" for line in message.splitlines() or [""]),
               file=sys.stderr, flush=True)
     elif "TORCHELASTIC_RUN_ID" in os.environ:

@@ -181,3 +181,23 @@ def test_exit_duration_saves_and_exits_for_requeue(text_dataset, tmp_path):
     again = run_cli(["pretrain_gpt.py", *base])
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(losses(run)[0]) == [1, 2, 3, 4]
+
+
+def test_diverging_pipeline_stops_with_one_line_per_stage(text_dataset, tmp_path):
+    """optim.lr=1e3 under PACI on 2 stages: updates turn non-finite, each stage skips on
+    its own and stops at train.max_consecutive_skips with its own error line; exit 1."""
+    prefix, tok = text_dataset
+    # through the launcher the size scripts use (torchrun's own failure report trimmed)
+    r = run_cli(["scripts/torchrun_quiet.py", "torchrun", "--standalone", "--nproc_per_node",
+                 "2", "pretrain_gpt.py", *tiny_overrides(prefix, tok, tmp_path / "run", **{
+                     "train.iters": 30, "train.eval_interval": 0, "optim.lr": 1e3,
+                     "optim.lr_warmup_iters": 0, "train.max_consecutive_skips": 2,
+                     "parallel.pipeline": 2, "pipeline.schedule": "paci",
+                     "checkpoint.save_at_end": "false"})])
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    stages = sorted(e.split("skipped on ")[1][:7] for e in errors if "consecutive" in e)
+    assert stages == ["stage 0", "stage 1"], r.stderr[-3000:]
+    assert all("training stopped at iteration" in e for e in errors[:2]), errors
+    assert errors[-1].endswith("with exit code 1"), errors  # the launcher's one line
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
