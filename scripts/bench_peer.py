@@ -552,6 +552,11 @@ def side_table(runs: Sequence[Run], args: argparse.Namespace, shape: str,
                    "mean of the two / alone", "median"], rows), ""] if rows else []
 
 
+def ab_variant(name: str, override: str) -> str:
+    """The name ``--ab`` gives a configuration run with ``override``."""
+    return f"{name}+{override}"
+
+
 def ab_table(runs: Sequence[Run], args: argparse.Namespace, shape: str, m: int) -> list[str]:
     """``--ab KEY=VALUE``: each project configuration's variant against it, per round."""
     from bench_schedules import pair, table
@@ -560,7 +565,7 @@ def ab_table(runs: Sequence[Run], args: argparse.Namespace, shape: str, m: int) 
         return []
     rows = []
     for name in args.configs:
-        variant = f"{name}+{args.ab}"
+        variant = ab_variant(name, args.ab)
         rs = round_ratios(runs, shape, m, variant, name)
         if rs:
             tps = [r.tokens_per_s for _, r in sorted(per_round(runs, shape, m, variant).items())]
@@ -845,8 +850,9 @@ def profile_all(args: argparse.Namespace) -> int:
 
     shape = args.shapes[0]
     s, m = SHAPES[shape], args.micro_batches[shape][0]
+    profiled = [n for n in PROFILED if n in args.configs and not args.ab_only]
     if args.dry_run:  # the profiled launches, then what the A/B part would time
-        for name in [n for n in PROFILED if n in args.configs and not args.ab_only]:
+        for name in profiled:
             run_dir = Path("RUN") / name
             print(shlex.join(profiled_command(BY_NAME[name], s, m, args.iters, "DATA",
                                               run_dir)))
@@ -859,7 +865,7 @@ def profile_all(args: argparse.Namespace) -> int:
              "cumulative (nested rows are part of their parent).", ""]
     try:
         data = make_dataset(work, s, 4 * args.iters * m * s.micro_batch * (s.seq + 1))
-        for name in [n for n in PROFILED if n in args.configs and not args.ab_only]:
+        for name in profiled:
             c = BY_NAME[name]
             run_dir = work / name
             run_dir.mkdir()
@@ -980,7 +986,7 @@ def run_all(args: argparse.Namespace, work: Path, runs: list[Run]) -> str:
     for c in (BY_NAME[n] for n in args.configs):
         configs.append(c)
         if args.ab and c.side == "project":  # the variant right after its base, every round
-            configs.append(dataclasses.replace(c, name=f"{c.name}+{args.ab}",
+            configs.append(dataclasses.replace(c, name=ab_variant(c.name, args.ab),
                                                overrides=(args.ab,)))
     for shape in args.shapes:
         s = SHAPES[shape]

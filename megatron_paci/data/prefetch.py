@@ -52,8 +52,7 @@ class Prefetcher:
     """
 
     def __init__(self, source: Iterator, depth: int) -> None:
-        self._stop = threading.Event()
-        self._done = True
+        self._stop = threading.Event()  # first: __del__ reads it even if this raises
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
