@@ -166,6 +166,22 @@ class GPTModel(nn.Module):
                                                                             generator=gen)
                 p.copy_(shard_of(full, dim, self.tp.rank, self.tp.size))
 
+    def chunk_parameters(self, chunk: int) -> list[tuple[str, nn.Parameter]]:
+        """The named parameters model chunk ``chunk`` uses: its layers, plus the
+        embedding in the first chunk and final norm and head in the last (what one
+        chunk's own optimizer step updates)."""
+        ranges = self.stage.chunk_ranges
+        if not 0 <= chunk < len(ranges):
+            raise ValueError(f"chunk {chunk} out of range: this rank holds {len(ranges)}")
+        first, last = ranges[chunk]
+        owned = {f"layers.{i}." for i in range(first, last)}
+        if chunk == 0:
+            owned.add("embedding.")
+        if chunk == len(ranges) - 1:
+            owned |= {"final_norm.", "output_layer."}
+        return [(n, p) for n, p in self.named_parameters()
+                if any(n.startswith(prefix) for prefix in owned)]
+
     def head_weight(self) -> torch.Tensor:
         if self.output_layer is not None:
             return self.output_layer.weight

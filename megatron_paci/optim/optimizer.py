@@ -65,14 +65,18 @@ class Optimizer:
     """
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, pstate: ParallelState,
-                 clip_across_pipeline: bool = True, kernels: Kernels | None = None):
+                 clip_across_pipeline: bool = True, kernels: Kernels | None = None,
+                 named: list[tuple[str, nn.Parameter]] | None = None):
+        """``named``: the parameters it updates, by default all of ``model``'s (one model
+        chunk's when chunks step on their own, see ``ChunkedOptimizer``)."""
         self.cfg = cfg
         self.pstate = pstate
         # 1F1B-flush clips by the norm over every stage; the asynchronous
         # schedules clip each stage by its own norm (no cross-stage sync).
         self.norm_pipeline_group = pstate.pipeline_group if clip_across_pipeline else None
         self.model = model
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = list(model.named_parameters()) if named is None else named
+        self.named = [(n, p) for n, p in named if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.grad_buffer = GradBuffer(
             self.named, pstate.data_group, bucket_size_bytes=cfg.grad_bucket_mb * 2**20,
@@ -220,6 +224,42 @@ class Optimizer:
             self.distributed.load_state_by_name(state)
         elif _steps_per_group(self.adamw):
             load_group_steps(self.aliases, self.adamw, state)
+
+
+class ChunkedOptimizer:
+    """One ``Optimizer`` per model chunk, for schedules whose chunks step on their own
+    (PACI and PipeDream-2BW with virtual stages): each chunk has its own gradient
+    buffer, dp reduction, clipping norm and AdamW step. State is keyed by parameter
+    name as in ``Optimizer``, so a checkpoint does not know how the rank was split."""
+
+    def __init__(self, optimizers: list[Optimizer]):
+        self.optimizers = optimizers
+
+    def of(self, chunk: int) -> Optimizer:
+        return self.optimizers[chunk]
+
+    def zero_grad(self) -> None:
+        for o in self.optimizers:
+            o.zero_grad()
+
+    def rebind_storage(self) -> None:
+        for o in self.optimizers:
+            o.rebind_storage()
+
+    def tie_across_stages(self, param: torch.Tensor) -> None:
+        raise ValueError("model chunks that step on their own cannot keep an embedding tied "
+                         "across pipeline stages; set model.tie_embeddings=false")
+
+    def state_by_name(self, create: bool = False) -> dict[str, torch.Tensor]:
+        return {k: v for o in self.optimizers for k, v in o.state_by_name(create).items()}
+
+    def local_state(self) -> list[torch.Tensor]:
+        return [t for o in self.optimizers for t in o.local_state()]
+
+    def load_state_by_name(self, state: dict[str, torch.Tensor]) -> None:
+        for o in self.optimizers:
+            prefixes = tuple(f"{n}." for n, _ in o.named)
+            o.load_state_by_name({k: v for k, v in state.items() if k.startswith(prefixes)})
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -2,9 +2,11 @@
 
 A rank's schedule is a list of actions. ``F(j)`` and ``B(j)`` run micro-batch ``j``
 (1-based, in the order the first stage forwards them) forward or backward through one
-model chunk; ``STEP(k)`` applies the ``k``-th optimizer update to the rank's whole
-model. Sends and receives are implied: a forward receives from the previous virtual
-stage and sends to the next, a backward the other way round.
+model chunk; ``STEP(k)`` applies the ``k``-th optimizer update: to the rank's whole
+model under a globally stepping schedule (the flush), to its ``chunk`` alone otherwise
+(each model chunk of an asynchronous schedule steps after its own window). Sends and
+receives are implied: a forward receives from the previous virtual stage and sends to
+the next, a backward the other way round.
 
 Kinds are declared in ``KINDS`` with the direction their input comes from, so that a
 new kind (the input/weight-gradient split of zero-bubble schedules, say) is one entry
@@ -46,7 +48,8 @@ class Action:
 
     ``index`` is the micro-batch ``j`` for F/B and the update number ``k`` for STEP (both
     1-based); ``chunk`` is the model chunk (virtual stage on this rank) it runs on, 0
-    unless the rank holds several. A STEP updates every chunk of the rank.
+    unless the rank holds several. A global STEP updates every chunk of the rank (its
+    chunk is 0); a local one updates its own chunk.
     """
 
     kind: str
@@ -81,9 +84,9 @@ def B(j: int, chunk: int = 0) -> Action:
     return Action("B", j, chunk)
 
 
-def STEP(k: int) -> Action:
-    """The ``k``-th optimizer update."""
-    return Action("STEP", k)
+def STEP(k: int, chunk: int = 0) -> Action:
+    """The ``k``-th optimizer update (of ``chunk`` alone under a local-step schedule)."""
+    return Action("STEP", k, chunk)
 
 
 def parse_action(text: str) -> Action:

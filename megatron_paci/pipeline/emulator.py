@@ -68,16 +68,63 @@ def paci_versions(stages: int, stage: int, window: int, num_windows: int,
     return out
 
 
+def interleaved_paci_versions(stages: int, stage: int, window: int, num_windows: int,
+                              first_window: int, chunks: int, chunk: int) -> Versions:
+    """PACI with v model chunks per rank, each stepping after its own window of
+    backwards: v_B = floor((j-1)/a) as without chunks; v_F counts the windows of the
+    chunk whose last backward ran before F(j, c) in Megatron's interleaved order.
+
+    In that order (over the segment's N micro-batches; local i = j-1 from the segment's
+    start) the forward of (j, c) is virtual micro-batch f = (i//P)Pv + cP + i%P and its
+    backward b = (i//P)Pv + (v-1-c)P + i%P; rank s first runs w = min(2(P-s-1) + (v-1)P,
+    Nv) forwards (all Nv when N = P), then forward w+i right before backward i, so the
+    forward f follows exactly max(0, f - w) backwards."""
+    p, v = stages, chunks
+    done = first_window - 1
+    n = window * num_windows
+    warm = n * v if n == p else min(2 * (p - stage - 1) + (v - 1) * p, n * v)
+
+    def forward_at(i: int) -> int:  # i: the local 0-based micro-batch
+        return (i // p) * p * v + chunk * p + i % p
+
+    def backward_at(i: int) -> int:
+        return (i // p) * p * v + (v - 1 - chunk) * p + i % p
+
+    out = {}
+    for j in _micro_batches(window, num_windows, first_window):
+        backwards_before = max(0, forward_at(j - 1 - done * window) - warm)
+        stepped = sum(1 for k in range(1, num_windows + 1)
+                      if backward_at(k * window - 1) < backwards_before)
+        out[j] = (done + stepped, (j - 1) // window)
+    return out
+
+
+def _paci(stages, stage, window, num_windows, first_window, chunks=1, chunk=0) -> Versions:
+    if chunks == 1:
+        return paci_versions(stages, stage, window, num_windows, first_window)
+    return interleaved_paci_versions(stages, stage, window, num_windows, first_window,
+                                     chunks, chunk)
+
+
+def _same_for_chunks(formula):
+    """Flush and 2BW: a chunk's versions follow the rank's formula (each chunk of 2BW
+    keeps its own two versions, one window apart)."""
+    def versions(stages, stage, window, num_windows, first_window, chunks=1, chunk=0):
+        return formula(stages, stage, window, num_windows, first_window)
+    return versions
+
+
 @dataclass(frozen=True)
 class OracleRule:
-    versions: Callable[[int, int, int, int, int], Versions]
+    # (P, s, window, windows, first window, chunks per rank, chunk) -> versions
+    versions: Callable[..., Versions]
     global_clip: bool  # flush clips by the norm over every stage; the others per stage
 
 
 RULES = {
-    "1f1b_flush": OracleRule(flush_versions, global_clip=True),
-    "pipedream_2bw": OracleRule(two_bw_versions, global_clip=False),
-    "paci": OracleRule(paci_versions, global_clip=False),
+    "1f1b_flush": OracleRule(_same_for_chunks(flush_versions), global_clip=True),
+    "pipedream_2bw": OracleRule(_same_for_chunks(two_bw_versions), global_clip=False),
+    "paci": OracleRule(_paci, global_clip=False),
 }
 
 
@@ -132,8 +179,13 @@ def emulate(
     total_iters: int,
     tied: tuple[str, str] | None = None,
     segments: list[int] | None = None,
+    chunks: int = 1,
 ) -> list[float]:
     """Mean loss per window. ``batches`` yields the whole (all dp ranks) micro-batch j.
+
+    ``stages`` are the virtual stages in pipeline order: with ``chunks`` model chunks
+    per rank, stage u is chunk u // P of rank u % P (P = len(stages) / chunks), and
+    each steps by its own norm unless the schedule clips globally.
 
     ``tied`` names the first stage's embedding and the last stage's output
     weight when they are tied copies whose gradients are summed (1F1B-flush).
@@ -143,15 +195,17 @@ def emulate(
     if schedule not in RULES:
         raise ValueError(f"the emulator models {sorted(RULES)}, not schedule '{schedule}'")
     rule = RULES[schedule]
-    P = len(stages)
+    P = len(stages)  # virtual stages from here on
+    ranks = P // chunks
     segments = segments or [num_windows]
     if sum(segments) != num_windows:
         raise ValueError(f"segments {segments} do not add up to {num_windows} windows")
     versions: list[Versions] = [{} for _ in range(P)]
     first = 1
     for n in segments:
-        for s in range(P):
-            versions[s].update(rule.versions(P, s, window, n, first))
+        for u in range(P):
+            versions[u].update(rule.versions(ranks, u % ranks, window, n, first, chunks,
+                                             u // ranks))
         first += n
     history = [{0: _snapshot(m)} for m in stages]  # stage -> version -> weights
     optimizers = [_adamw(m, optim_cfg) for m in stages]

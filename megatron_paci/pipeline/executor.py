@@ -29,6 +29,7 @@ it could queue the next micro-batch's kernels.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,10 @@ class PipelineExecutor:
         self.autocast = autocast
         self.global_step = schedule.global_step
         self.chunks = chunks
+        # Chunks that step on their own (PACI, 2BW interleaved): ``optimizer`` is a
+        # ChunkedOptimizer and ``policy`` a ChunkPolicies, one per chunk.
+        self.per_chunk = schedule.steps_per_chunk and chunks > 1
+        self._chunk_steps: dict[int, list] = {}  # k -> [chunks stepped, norm^2, skipped]
         self.record_events = record_events
         self.verify_versions = verify_versions
         self.keep_versions = keep_versions or verify_versions
@@ -142,6 +147,12 @@ class PipelineExecutor:
         self._segment_start: Any = None
         self._last_end: Any = None
         self._marks: list[tuple[str, int, Any, Any]] = []  # actions not yet read back
+
+    def _optimizer(self, chunk: int) -> Any:
+        return self.optimizer.of(chunk) if self.per_chunk else self.optimizer
+
+    def _policy(self, chunk: int) -> Any:
+        return self.policy.of(chunk) if self.per_chunk else self.policy
 
     # --- point-to-point ------------------------------------------------------
 
@@ -303,11 +314,12 @@ class PipelineExecutor:
         if hidden is not None:
             hidden.requires_grad_(True)
         start = self.clock.mark()
-        self.telemetry.versions[key] = [self.policy.forward_version(j), -1]
+        policy = self._policy(action.chunk)
+        self.telemetry.versions[key] = [policy.forward_version(j), -1]
         if self.verify_versions:
-            self.telemetry.checksums[key] = [self.policy.checksum(j)]
+            self.telemetry.checksums[key] = [policy.checksum(j)]
         with self.autocast():
-            out = self.policy.forward(j, **inputs)
+            out = policy.forward(j, **inputs)
         last = self._is_last(action.chunk)
         if last:
             loss = out.float().mean()
@@ -329,38 +341,54 @@ class PipelineExecutor:
             grad = self._recv(self._recv_peer(action), f"gradients of micro-batch {j}", action)
         start = self.clock.mark()
         tel = self.telemetry
-        tel.versions[key][1] = self.policy.backward_version(j)
+        policy = self._policy(action.chunk)
+        tel.versions[key][1] = policy.backward_version(j)
         tel.drift = max(tel.drift, tel.versions[key][1] - tel.versions[key][0])
         if not self.keep_versions:
             del tel.versions[key]
         if self.verify_versions:
-            tel.checksums[key].append(self.policy.checksum(j))
+            tel.checksums[key].append(policy.checksum(j))
         # Only each chunk's last backward of the window marks gradients ready for the
         # data-parallel reduction (backwards of a chunk run in micro-batch order).
-        self.optimizer.grad_buffer.sync_enabled = j % self.window == 0
+        self._optimizer(action.chunk).grad_buffer.sync_enabled = j % self.window == 0
         torch.autograd.backward(item.output, grad_tensors=grad)
         self._event("B", action, start)
         if not self._is_first(action.chunk):
             self._send(item.inputs.grad, self._send_peer(action))
 
-    def _step(self, action: Action) -> tuple[float, bool]:
+    def _step(self, action: Action) -> tuple[float, bool] | None:
+        """Apply the update; returns (grad norm, skipped) once the rank's update k is
+        complete (for chunks stepping on their own: after the last of them), else None."""
         if self.global_step:
             # The flush is a global barrier: every stage's sends of this window land
             # first, and the wait for the slowest stage is idle time, not step time.
             self._drain_sends()
             comm.barrier(self.pstate.pipeline_group, "pp")
         start = self.clock.mark()
-        self.policy.before_step()
-        norm, skipped = self.optimizer.step(self.lr_schedule.lr)
-        self.policy.after_step()
+        k, chunk = action.index, action.chunk
+        optimizer, policy = self._optimizer(chunk), self._policy(chunk)
+        # Update k uses the LR of the k-th step whichever chunk applies it.
+        lr = self.lr_schedule.lr_at(k - 1) if self.per_chunk else self.lr_schedule.lr
+        policy.before_step()
+        norm, skipped = optimizer.step(lr)
+        policy.after_step()
         self.telemetry.peak_versions = max(self.telemetry.peak_versions,
                                            self.policy.live_versions())
+        optimizer.zero_grad()
+        self._event("S", action, start)
+        if self.per_chunk:
+            done = self._chunk_steps.setdefault(k, [0, 0.0, False])
+            done[0] += 1
+            done[1] += norm * norm
+            done[2] = done[2] or skipped
+            if done[0] < self.chunks:
+                return None
+            del self._chunk_steps[k]
+            norm, skipped = math.sqrt(done[1]), done[2]
         # A skipped (non-finite) update still advances the LR schedule: under the
         # asynchronous schedules each stage skips on its own, and the stages' LR
         # schedules must stay aligned.
         self.lr_schedule.step()
-        self.optimizer.zero_grad()
-        self._event("S", action, start)
         return norm, skipped
 
     # --- public --------------------------------------------------------------
@@ -396,7 +424,10 @@ class PipelineExecutor:
             elif action.kind == "B":
                 self._backward(action, in_flight)
             elif action.kind == "STEP":
-                norm, skipped = self._step(action)
+                stepped = self._step(action)
+                if stepped is None:
+                    continue  # other chunks of this rank have update k still to apply
+                norm, skipped = stepped
                 k = action.index
                 window_losses = [losses.pop(j) for j in range((k - 1) * self.window + 1,
                                                                k * self.window + 1)

@@ -50,6 +50,12 @@ class ScheduleSpec:
     def stashes_weights(self) -> bool:
         return self.weights.copies > 1
 
+    @property
+    def steps_per_chunk(self) -> bool:
+        """Whether a STEP updates its own model chunk only: true for every schedule that
+        steps locally (with one chunk per rank, the chunk is the stage)."""
+        return not self.global_step
+
     def problem(self, stages: int, window: int, chunks: int = 1,
                 distributed_optimizer: bool = False) -> str | None:
         """Why this schedule cannot run the layout (naming the sizes), or None."""
@@ -91,7 +97,7 @@ class ScheduleSpec:
                  first_window: int = 1, chunks: int = 1) -> VersionTable:
         """``(chunk, j) -> (v_F, v_B)`` under this schedule's weight-version policy."""
         acts = self.actions(stages, stage, window, num_windows, first_window, chunks)
-        return self.weights.table(acts, window, first_window - 1)
+        return self.weights.table(acts, window, first_window - 1, self.steps_per_chunk)
 
     def stage_model_config(self, model: ModelConfig, stages: int) -> ModelConfig:
         """The model config a stage is built with: a tied head becomes untied when the
@@ -102,8 +108,9 @@ class ScheduleSpec:
 
     def make_policy(self, model: nn.Module, window: int,
                     accumulate: Callable[[nn.Parameter, torch.Tensor], None],
-                    rebind: Callable[[], None]):
-        return self.weights.make(model, window, accumulate, rebind)
+                    rebind: Callable[[], None],
+                    params: list[tuple[str, nn.Parameter]] | None = None):
+        return self.weights.make(model, window, accumulate, rebind, params)
 
 
 _REGISTRY: dict[str, ScheduleSpec] = {}

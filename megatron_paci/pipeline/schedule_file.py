@@ -149,8 +149,8 @@ def _spec_from(path: str, data: dict[str, Any]) -> ScheduleSpec:
         for k in range(first_window, first_window + num_windows):
             shift = (k - 1) * window
             for a in window_lists[stage]:
-                out.append(STEP(k) if a.kind == "STEP" else Action(a.kind, a.index + shift,
-                                                                      a.chunk))
+                out.append(STEP(k, a.chunk) if a.kind == "STEP"
+                           else Action(a.kind, a.index + shift, a.chunk))
         return out
 
     spec = ScheduleSpec(

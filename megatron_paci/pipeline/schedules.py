@@ -35,13 +35,15 @@ def flushed_windows(order, stages: int, stage: int, window: int, num_windows: in
     return actions
 
 
-def local_steps(actions: list[Action], window: int, last_chunk: int = 0) -> list[Action]:
-    """A STEP right after each window's last backward on this rank (no flush)."""
+def local_steps(actions: list[Action], window: int) -> list[Action]:
+    """A STEP of each chunk right after that chunk's last backward of each window on
+    this rank (no flush). A chunk's backwards run in micro-batch order, so STEP(k, c)
+    follows B(k*window, c) and accumulates exactly window k of chunk c."""
     out = []
     for a in actions:
         out.append(a)
-        if a.kind == "B" and a.chunk == last_chunk and a.index % window == 0:
-            out.append(STEP(a.index // window))
+        if a.kind == "B" and a.index % window == 0:
+            out.append(STEP(a.index // window, a.chunk))
     return out
 
 
@@ -51,25 +53,77 @@ def _flush(stages, stage, window, num_windows, first_window, chunks):
 
 
 def _no_flush(stages, stage, window, num_windows, first_window, chunks):
+    """One 1F1B order (interleaved for several chunks) over every window of the segment:
+    without a flush nothing separates windows but where each chunk steps."""
     first_j = (first_window - 1) * window + 1
-    return local_steps(one_f_one_b(stages, stage, window * num_windows, first_j), window)
+    order = interleaved_one_f_one_b(stages, stage, chunks, window * num_windows, first_j)
+    return local_steps(order, window)
 
 
 def _flush_requires(stages: int, window: int, chunks: int) -> str | None:
     return interleaving_problem(stages, chunks, window)
 
 
+def earlier_in_flight(stages: int, chunks: int) -> list[list[int]]:
+    """``[s][c]``: the most earlier micro-batches of chunk c still waiting for their
+    backward when a forward of chunk c starts on rank s (n_{s,c} in
+    docs/schedules/virtual_stages.md), counted from the order over 8P micro-batches,
+    past every warm-up. Without interleaving it is P-s-1."""
+    n = 8 * stages
+    rows = []
+    for s in range(stages):
+        acts = interleaved_one_f_one_b(stages, s, chunks, n)
+        backwarded = [0] * chunks
+        most = [0] * chunks
+        for a in acts:
+            if a.kind == "F":
+                most[a.chunk] = max(most[a.chunk], a.index - 1 - backwarded[a.chunk])
+            elif a.kind == "B":
+                backwarded[a.chunk] += 1
+        rows.append(most)
+    return rows
+
+
+def _async_requires(stages: int, window: int, chunks: int) -> str | None:
+    return interleaving_problem(stages, chunks, window)
+
+
+def updates_crossed(stages: int, window: int, chunks: int) -> int:
+    """The most updates of its own chunk a micro-batch crosses between F and B under the
+    no-flush order with each chunk stepping after its own window, counted from the lists
+    over enough windows to pass every warm-up (PACI's drift; ceil((P-1)/a) unchunked)."""
+    windows = max(4, -(-8 * stages // window))
+    most = 0
+    for s in range(stages):
+        acts = _no_flush(stages, s, window, windows, 1, chunks)
+        table = live_table(acts, window, 0, per_chunk=True)
+        most = max(most, max(vb - vf for vf, vb in table.values()))
+    return most
+
+
 def _two_bw_requires(stages: int, window: int, chunks: int) -> str | None:
-    if window < stages - 1:
-        return (f"PipeDream-2BW needs m >= P-1: the window m = train.global_batch_size / "
-                f"(train.micro_batch_size x dp) = {window} < parallel.pipeline-1 = "
-                f"{stages - 1} (otherwise more than two weight versions are in flight)")
+    if chunks == 1:
+        if window < stages - 1:
+            return (f"PipeDream-2BW needs m >= P-1: the window m = train.global_batch_size / "
+                    f"(train.micro_batch_size x dp) = {window} < parallel.pipeline-1 = "
+                    f"{stages - 1} (otherwise more than two weight versions are in flight)")
+        return None
+    problem = interleaving_problem(stages, chunks, window)
+    if problem:
+        return problem
+    # Two versions per chunk suffice while no micro-batch crosses more than one update of
+    # its chunk (docs/schedules/virtual_stages.md).
+    crossed = updates_crossed(stages, window, chunks)
+    if crossed > 1:
+        fits = next(m for m in range(window + stages, 4 * stages * stages + 1, stages)
+                    if updates_crossed(stages, m, chunks) <= 1)
+        return (f"PipeDream-2BW with parallel.virtual_pipeline={chunks} keeps two weight "
+                f"versions per chunk only while a micro-batch crosses at most one update of "
+                f"its chunk; the window m = train.global_batch_size / (train.micro_batch_size"
+                f" x dp) = {window} lets it cross {crossed} at parallel.pipeline={stages}: "
+                f"use m >= {fits} (docs/schedules/virtual_stages.md)")
     return None
 
-
-_ASYNC_CHUNKS = ("without a flush each model chunk must step after its own window of local "
-                 "backwards, an optimizer step per chunk; derived in "
-                 "docs/schedules/virtual_stages.md, not implemented yet")
 
 FLUSH = register(ScheduleSpec(
     name="1f1b_flush", title="1F1B-flush", build=_flush, global_step=True,
@@ -79,12 +133,13 @@ FLUSH = register(ScheduleSpec(
 PIPEDREAM_2BW = register(ScheduleSpec(
     name="pipedream_2bw", title="PipeDream-2BW", build=_no_flush, global_step=False,
     tied_embeddings_across_stages=False, weights=TWO_VERSIONS, requires=_two_bw_requires,
-    chunks_note=_ASYNC_CHUNKS,
+    max_chunks=None,
     summary="no flush, two weight versions, one-step delayed gradients"))
 PACI = register(ScheduleSpec(
     name="paci", title="PACI", build=_no_flush, global_step=False,
-    tied_embeddings_across_stages=False, chunks_note=_ASYNC_CHUNKS,
-    summary="no flush, one weight copy; each stage steps after its own window"))
+    tied_embeddings_across_stages=False, max_chunks=None, requires=_async_requires,
+    summary="no flush, one weight copy; each stage (each model chunk, interleaved) "
+            "steps after its own window"))
 
 SCHEDULES = schedule_names()
 

@@ -418,8 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [name for name, _ in runs]
         timelines = []
         for name, chunks in runs:
-            # The same work per micro-batch at any v: each chunk holds 1/v of a stage.
-            costs = Costs(args.forward / chunks, args.backward / chunks, args.step, args.p2p)
+            # The same work per micro-batch at any v: each chunk holds 1/v of a stage (and
+            # a chunk's own STEP updates 1/v of the rank's weights).
+            step = args.step if get_schedule(name).global_step else args.step / chunks
+            costs = Costs(args.forward / chunks, args.backward / chunks, step, args.p2p)
             try:
                 timelines.append(simulate(name, args.stages, args.microbatches, args.windows,
                                           costs, chunks=chunks))

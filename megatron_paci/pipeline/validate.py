@@ -31,29 +31,45 @@ def check_rank(spec: ScheduleSpec, rank: int, actions: Sequence[Action], window:
     js = range(first_j, first_j + window * num_windows)
     forwarded: set[tuple[int, int]] = set()
     backwarded: set[tuple[int, int]] = set()
-    steps = first_window  # the next STEP expected
-    v = first_window - 1
+    # A local-step schedule's STEP(k, c) closes window k of chunk c alone; a global one
+    # closes it for every chunk of the rank (scope 0).
+    per_chunk = spec.steps_per_chunk
+    scopes = range(chunks) if per_chunk else range(1)
+    steps = {c: first_window for c in scopes}  # the next STEP expected, per scope
+    v = {c: first_window - 1 for c in scopes}
     v_f: dict[tuple[int, int], int] = {}
     where = f"rank {rank}"
+
+    def scope(chunk: int) -> int:
+        return chunk if per_chunk else 0
+
+    def name(kind: str, index: int, chunk: int) -> str:
+        return f"{kind}{index}{f'c{chunk}' if chunk else ''}"
+
     for pos, a in enumerate(actions):
         at = f"{where}, action {pos} ({a})"
-        if a.kind == "STEP":
-            if a.index != steps:
-                raise ScheduleListError(f"{at}: expected STEP{steps} next")
-            pending = [(c, j) for c in range(chunks)
-                       for j in range((a.index - 1) * window + 1, a.index * window + 1)
-                       if (c, j) not in backwarded]
-            if pending:
-                c, j = pending[0]
-                raise ScheduleListError(
-                    f"{at}: steps before B{j}{f'c{c}' if c else ''} of its window "
-                    f"(a STEP inside window {a.index})")
-            steps += 1
-            v += 1
-            continue
-        key = (a.chunk, a.index)
         if a.chunk >= chunks:
             raise ScheduleListError(f"{at}: chunk {a.chunk} but the rank holds {chunks}")
+        if a.kind == "STEP":
+            if a.chunk and not per_chunk:
+                raise ScheduleListError(f"{at}: a global STEP updates every chunk of the "
+                                        f"rank and names none ({spec.title} steps globally)")
+            c = a.chunk
+            if a.index != steps[c]:
+                raise ScheduleListError(f"{at}: expected {name('STEP', steps[c], c)} next")
+            closes = [c] if per_chunk else range(chunks)
+            pending = [(cc, j) for cc in closes
+                       for j in range((a.index - 1) * window + 1, a.index * window + 1)
+                       if (cc, j) not in backwarded]
+            if pending:
+                cc, j = pending[0]
+                raise ScheduleListError(
+                    f"{at}: steps before {name('B', j, cc)} of its window "
+                    f"(a STEP inside window {a.index})")
+            steps[c] += 1
+            v[c] += 1
+            continue
+        key = (a.chunk, a.index)
         if a.index not in js:
             raise ScheduleListError(f"{at}: micro-batch {a.index} is outside "
                                     f"{js.start}..{js.stop - 1}")
@@ -61,32 +77,36 @@ def check_rank(spec: ScheduleSpec, rank: int, actions: Sequence[Action], window:
             if key in forwarded:
                 raise ScheduleListError(f"{at}: forwarded twice")
             forwarded.add(key)
-            v_f[key] = v
+            v_f[key] = v[scope(a.chunk)]
         elif a.kind == "B":
             if key not in forwarded:
                 raise ScheduleListError(f"{at}: backward before its forward")
             if key in backwarded:
                 raise ScheduleListError(f"{at}: backwarded twice")
-            if _window_of(a.index, window) != steps:
+            open_window = steps[scope(a.chunk)]
+            if _window_of(a.index, window) != open_window:
                 raise ScheduleListError(
                     f"{at}: backward of window {_window_of(a.index, window)} while window "
-                    f"{steps} has not stepped (a window cut in half)")
+                    f"{open_window} has not stepped (a window cut in half)")
             backwarded.add(key)
-            if spec.global_step and v_f[key] != v:
+            if spec.global_step and v_f[key] != v[0]:
                 raise ScheduleListError(
                     f"{at}: a STEP falls between its forward and backward, which a "
                     f"globally stepping schedule ({spec.title}) does not allow")
     missing = [(c, j) for j in js for c in range(chunks) if (c, j) not in forwarded]
     if missing:
         c, j = missing[0]
-        raise ScheduleListError(f"{where}: F{j}{f'c{c}' if c else ''} never runs")
+        raise ScheduleListError(f"{where}: {name('F', j, c)} never runs")
     never = sorted(forwarded - backwarded, key=lambda k: (k[1], k[0]))
     if never:
         c, j = never[0]
-        raise ScheduleListError(f"{where}: F{j}{f'c{c}' if c else ''} is never backwarded")
-    if steps != first_window + num_windows:
-        raise ScheduleListError(f"{where}: ends after STEP{steps - 1}, expected "
-                                f"STEP{first_window + num_windows - 1}")
+        raise ScheduleListError(f"{where}: {name('F', j, c)} is never backwarded")
+    for c in scopes:
+        if steps[c] != first_window + num_windows:
+            label = f" of chunk {c}" if per_chunk and chunks > 1 else ""
+            raise ScheduleListError(
+                f"{where}: ends after STEP{steps[c] - 1}{label}, expected "
+                f"STEP{first_window + num_windows - 1}")
 
 
 def messages(lists: Sequence[Sequence[Action]], chunks: int

@@ -40,18 +40,24 @@ def two_bw_version(j: int, window: int) -> int:
 VersionTable = dict[tuple[int, int], tuple[int, int]]  # (chunk, j) -> (v_F, v_B)
 
 
-def live_table(actions: list[Action], window: int, start: int) -> VersionTable:
-    """Updates applied on the rank before each F(j) and B(j): the live-weight versions.
+def live_table(actions: list[Action], window: int, start: int,
+               per_chunk: bool = False) -> VersionTable:
+    """Updates applied before each F(j) and B(j): the live-weight versions.
 
-    ``start`` is the version at the top of the list (updates in earlier segments)."""
-    v = start
+    ``start`` is the version at the top of the list (updates in earlier segments). With
+    ``per_chunk`` a STEP counts for its own chunk only (the local-step schedules, where
+    each chunk steps after its own window); otherwise for every chunk of the rank."""
+    steps: dict[int, int] = {}
     v_f: dict[tuple[int, int], int] = {}
     out: VersionTable = {}
     for a in actions:
         key = (a.chunk, a.index)
         if a.kind == "STEP":
-            v += 1
-        elif a.kind == "F":
+            scope = a.chunk if per_chunk else -1
+            steps[scope] = steps.get(scope, 0) + 1
+            continue
+        v = start + steps.get(a.chunk if per_chunk else -1, 0)
+        if a.kind == "F":
             v_f[key] = v
         elif a.kind == "B":
             if key not in v_f:
@@ -64,19 +70,23 @@ def live_table(actions: list[Action], window: int, start: int) -> VersionTable:
     return dict(sorted(out.items(), key=lambda kv: (kv[0][1], kv[0][0])))
 
 
-def stashed_table(actions: list[Action], window: int, start: int) -> VersionTable:
-    """PipeDream-2BW: F(j) and B(j) on the same one-step-delayed stashed version."""
-    live_table(actions, window, start)  # the same well-formedness checks
+def stashed_table(actions: list[Action], window: int, start: int,
+                  per_chunk: bool = False) -> VersionTable:
+    """PipeDream-2BW: F(j) and B(j) on the same one-step-delayed stashed version (of
+    their own chunk when chunks step on their own: the formula is the same)."""
+    live_table(actions, window, start, per_chunk)  # the same well-formedness checks
     keys = sorted({(a.chunk, a.index) for a in actions if a.kind == "F"},
                   key=lambda k: (k[1], k[0]))
     return {k: (two_bw_version(k[1], window),) * 2 for k in keys}
 
 
 class LiveWeights:
-    """Live-weight policy; ``steps`` counts the STEPs applied on this stage."""
+    """Live-weight policy; ``steps`` counts the STEPs applied to ``params`` (the
+    stage's, or one model chunk's when chunks step on their own)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]] | None = None):
         self.model = model
+        self.params = params if params is not None else list(model.named_parameters())
         self.steps = 0
 
     def forward(self, j: int, **kwargs: Any) -> torch.Tensor:
@@ -103,7 +113,7 @@ class LiveWeights:
 
     def checksum(self, j: int) -> float:
         """Sum of the weights a micro-batch uses now (for verification runs)."""
-        return float(sum(p.detach().double().sum() for p in self.model.parameters()))
+        return float(sum(p.detach().double().sum() for _, p in self.params))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
@@ -117,15 +127,18 @@ class TwoVersionStash:
 
     def __init__(self, model: nn.Module, window: int,
                  accumulate: Callable[[nn.Parameter, torch.Tensor], None],
-                 rebind: Callable[[], None]):
+                 rebind: Callable[[], None],
+                 params: list[tuple[str, nn.Parameter]] | None = None):
         """``accumulate(param, grad)`` folds a snapshot's gradient into the parameter's
         main_grad; ``rebind()`` moves every parameter (and the optimizer's view
-        of it) to fresh storage before an update."""
+        of it) to fresh storage before an update. ``params``: the stage's, or one
+        model chunk's (a forward then replaces only those; the chunk uses no others)."""
         self.model = model
         self.window = window
         self.accumulate = accumulate
         self.rebind = rebind
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = params if params is not None else list(model.named_parameters())
+        self.params = [(n, p) for n, p in named if p.requires_grad]
         self.steps = 0
         self.versions: dict[int, dict[str, torch.Tensor]] = {0: self._publish()}
         self.peak_versions = 1
@@ -205,20 +218,51 @@ class TwoVersionStash:
         self.versions[self.steps - 1] = older
 
 
+Policy = LiveWeights | TwoVersionStash
+
+
+class ChunkPolicies:
+    """One policy per model chunk, for chunks that step on their own; the checkpoint
+    and the executor's bookkeeping see the rank's policy through this."""
+
+    def __init__(self, policies: list[Policy]):
+        self.policies = policies
+
+    def of(self, chunk: int) -> Policy:
+        return self.policies[chunk]
+
+    def reset(self, steps: int) -> None:
+        """At a drain every chunk has applied the same number of updates."""
+        for p in self.policies:
+            p.reset(steps)
+
+    def live_versions(self) -> int:
+        return max(p.live_versions() for p in self.policies)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for p in self.policies for k, v in p.state_tensors().items()}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        for p in self.policies:
+            names = {n for n, _ in p.params}
+            p.load_state_tensors({k: v for k, v in state.items() if k in names})
+
+
 @dataclass(frozen=True)
 class WeightRule:
     """A schedule's weight-version policy, as the registry declares it."""
 
     name: str
     copies: int  # weight copies a rank holds at most
-    table: Callable[[list[Action], int, int], VersionTable]
+    table: Callable[[list[Action], int, int, bool], VersionTable]
 
     def make(self, model: nn.Module, window: int,
              accumulate: Callable[[nn.Parameter, torch.Tensor], None],
-             rebind: Callable[[], None]) -> LiveWeights | TwoVersionStash:
+             rebind: Callable[[], None],
+             params: list[tuple[str, nn.Parameter]] | None = None) -> Policy:
         if self.copies == 2:
-            return TwoVersionStash(model, window, accumulate, rebind)
-        return LiveWeights(model)
+            return TwoVersionStash(model, window, accumulate, rebind, params)
+        return LiveWeights(model, params)
 
 
 LIVE = WeightRule("live", 1, live_table)

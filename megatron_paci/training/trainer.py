@@ -39,7 +39,7 @@ from megatron_paci.model.gpt import GPTModel, StageSpec, count_parameters
 from megatron_paci.model.transformer import LayerContext
 from megatron_paci.model.vocab import resolve_vocab_size
 from megatron_paci.optim.lr_schedule import LRSchedule
-from megatron_paci.optim.optimizer import Optimizer
+from megatron_paci.optim.optimizer import ChunkedOptimizer, Optimizer
 from megatron_paci.parallel import comm, liveness
 from megatron_paci.parallel.random import capture_rng, restore_rng, seed_everything
 from megatron_paci.parallel.state import ParallelState, single_process
@@ -48,6 +48,7 @@ from megatron_paci.pipeline.executor import PipelineExecutor
 from megatron_paci.pipeline.partition import chunk_layers
 from megatron_paci.pipeline.registry import get_schedule
 from megatron_paci.pipeline.simulate import Timeline, draw
+from megatron_paci.pipeline.versions import ChunkPolicies
 from megatron_paci.tensor_parallel import model_parallel_seed
 from megatron_paci.training.flops import dense_bf16_peak_tflops, flops_per_token, part_costs
 from megatron_paci.training.generate import sample
@@ -204,13 +205,8 @@ class Trainer:
                     else ps.tensor_rank == 0 and ps.data_rank == 0))
         self.spike_guard = (LossSpikeGuard(t.loss_spike_factor, self.device)
                             if t.loss_spike_factor > 0 and self.stage.post_process else None)
-        self.optimizer = Optimizer(self.model, cfg.optim, ps,
-                                   clip_across_pipeline=self.schedule.global_step,
-                                   kernels=self.kernels)
+        self._build_optimizer()
         self.lr_schedule = LRSchedule(cfg.optim, t.iters)
-        self.policy = self.schedule.make_policy(self.model, self.num_micro_batches,
-                                              self.optimizer.grad_buffer.accumulate,
-                                              self.optimizer.rebind_storage)
         if tied is not None:
             self.optimizer.tie_across_stages(tied)
         seq_local = cfg.model.seq_length // (ps.tensor_size if cfg.parallel.sequence_parallel
@@ -226,6 +222,30 @@ class Trainer:
             keep_versions=cfg.pipeline.dump_versions,
             loss_factor=self.spike_guard.multiplier if self.spike_guard else None,
         )
+
+    def _build_optimizer(self) -> None:
+        """The optimizer and weight-version policy: one for the rank, or one per model
+        chunk when the schedule's chunks step on their own (interleaved PACI, 2BW)."""
+        cfg, ps, m = self.cfg, self.pstate, self.num_micro_batches
+
+        def build(named=None) -> Optimizer:
+            return Optimizer(self.model, cfg.optim, ps,
+                             clip_across_pipeline=self.schedule.global_step,
+                             kernels=self.kernels, named=named)
+
+        if self.schedule.steps_per_chunk and self.chunks > 1:
+            named = [self.model.chunk_parameters(c) for c in range(self.chunks)]
+            optimizers = [build(n) for n in named]
+            self.optimizer = ChunkedOptimizer(optimizers)
+            self.policy = ChunkPolicies([
+                self.schedule.make_policy(self.model, m, o.grad_buffer.accumulate,
+                                          o.rebind_storage, n)
+                for o, n in zip(optimizers, named, strict=True)])
+            return
+        self.optimizer = build()
+        self.policy = self.schedule.make_policy(self.model, m,
+                                                self.optimizer.grad_buffer.accumulate,
+                                                self.optimizer.rebind_storage)
 
     def _check_kernels(self) -> list[str]:
         """Run every chosen non-reference kernel once against its reference, on this

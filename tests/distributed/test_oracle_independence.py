@@ -99,9 +99,9 @@ def _config(prefix, run_dir, schedule):
 
 def _step_one_action_late(original):
     """Each STEP the no-flush schedules place moves past the action that follows it."""
-    def late(actions, window, last_chunk=0):
+    def late(actions, window):
         out, held = [], None
-        for a in original(actions, window, last_chunk):
+        for a in original(actions, window):
             if a.kind == "STEP":
                 held = a
                 continue

@@ -61,9 +61,12 @@ def test_specs_declare_what_the_rest_of_the_system_asks():
     flush, two_bw, paci = (get_schedule(n) for n in ("1f1b_flush", "pipedream_2bw", "paci"))
     assert (flush.global_step, two_bw.global_step, paci.global_step) == (True, False, False)
     assert (flush.weights.copies, two_bw.weights.copies, paci.weights.copies) == (1, 2, 1)
-    assert flush.max_chunks is None and two_bw.max_chunks == paci.max_chunks == 1
+    assert flush.max_chunks is two_bw.max_chunks is paci.max_chunks is None
     assert two_bw.problem(4, 2) and not two_bw.problem(4, 3)
-    assert "at most 1 model chunk" in paci.problem(4, 8, 2)
+    assert paci.problem(4, 8, 2) is None  # each chunk steps after its own window
+    assert "multiple of parallel.pipeline=4" in paci.problem(4, 6, 2)
+    assert "use m >= 8 (docs/schedules/virtual_stages.md)" in two_bw.problem(4, 4, 2)
+    assert two_bw.problem(4, 8, 2) is None
 
 
 # Megatron's interleaved 1F1B, P=2, v=2, M=4, worked out by hand from its rules.
@@ -247,7 +250,102 @@ def test_layout_check_refuses_bad_virtual_pipelines_before_process_groups():
         refused("parallel.virtual_pipeline=3")
     assert "multiple of parallel.pipeline=2" in refused("parallel.virtual_pipeline=2",
                                                         "train.global_batch_size=3")
-    assert "virtual_stages.md" in refused("parallel.virtual_pipeline=2",
-                                          "pipeline.schedule=paci")
+    for schedule in ("paci", "pipedream_2bw"):  # each chunk steps on its own
+        cfg = load_config(None, ["parallel.pipeline=2", "model.num_layers=4",
+                                 "train.micro_batch_size=1", "train.global_batch_size=2",
+                                 "train.device=cpu", "parallel.virtual_pipeline=2",
+                                 f"pipeline.schedule={schedule}"])
+        assert validate_layout(cfg, 2) == 1
     assert "would deadlock on NCCL" in refused("parallel.virtual_pipeline=2",
                                                "train.device=cuda")
+
+
+def test_interleaved_paci_versions_follow_the_emulators_formula():
+    """Each chunk steps after its own window: the versions the action lists give every
+    (chunk, j) equal the emulator's, which are written from Megatron's index maps."""
+    from megatron_paci.pipeline.emulator import interleaved_paci_versions
+
+    paci = get_schedule("paci")
+    for p, v in ((2, 2), (2, 3), (3, 2), (4, 2)):
+        for a in (p, 2 * p, 3 * p):
+            for windows, first in ((1, 1), (3, 1), (2, 4)):
+                for s in range(p):
+                    table = paci.versions(p, s, a, windows, first, v)
+                    for c in range(v):
+                        want = interleaved_paci_versions(p, s, a, windows, first, v, c)
+                        assert {j: table[c, j] for j in want} == want, (p, v, a, s, c)
+
+
+# The most updates a micro-batch crosses on chunk c of rank s (rows: ranks; entries:
+# chunks), counted from the interleaved lists, as docs/schedules/virtual_stages.md
+# tabulates them; never above ceil(n_{s,c} / a).
+INTERLEAVED_DRIFT = {
+    (2, 2, 2): [[1, 0], [1, 0]], (2, 2, 4): [[1, 0], [1, 0]],
+    (2, 3, 2): [[1, 1, 0], [1, 0, 0]],
+    (4, 2, 4): [[2, 1], [1, 0], [1, 0], [1, 0]], (4, 2, 8): [[1, 1], [1, 0], [1, 0], [1, 0]],
+    (4, 3, 4): [[2, 1, 0], [1, 1, 0], [1, 1, 0], [1, 0, 0]],
+}
+
+
+def test_interleaved_paci_drift_table_and_bound():
+    from megatron_paci.pipeline.schedules import earlier_in_flight
+
+    paci = get_schedule("paci")
+    for (p, v, a), rows in INTERLEAVED_DRIFT.items():
+        n = earlier_in_flight(p, v)
+        for s in range(p):
+            table = paci.versions(p, s, a, 6, 1, v)
+            got = [max(vb - vf for (c, _), (vf, vb) in table.items() if c == chunk)
+                   for chunk in range(v)]
+            assert got == rows[s], (p, v, a, s, got)
+            assert all(d <= -(-n[s][c] // a) for c, d in enumerate(got))
+
+
+def test_interleaved_2bw_needs_each_micro_batch_to_cross_at_most_one_update():
+    """PipeDream-2BW keeps two versions of a chunk while F(j, c) finds the chunk at
+    version two_bw_version(j, m) or one newer, i.e. while no micro-batch crosses more
+    than one update of its chunk. Checked on the lists directly: the registry accepts
+    exactly the windows where that holds (P=2: any; P>=3: m >= 2P), and without
+    interleaving its old rule m >= P-1 is the same condition."""
+    from megatron_paci.pipeline.orders import interleaved_one_f_one_b
+    from megatron_paci.pipeline.schedules import local_steps
+    from megatron_paci.pipeline.versions import two_bw_version
+
+    def stash_holds(p, v, m):
+        for s in range(p):
+            acts = local_steps(interleaved_one_f_one_b(p, s, v, 8 * max(m, p)), m)
+            steps = [0] * v
+            for a in acts:
+                if a.kind == "STEP":
+                    steps[a.chunk] += 1
+                elif a.kind == "F" and steps[a.chunk] - two_bw_version(a.index, m) not in (0, 1):
+                    return False
+        return True
+
+    two_bw = get_schedule("pipedream_2bw")
+    for p, v, want in ((2, 2, 2), (2, 3, 2), (3, 2, 6), (4, 2, 8), (4, 3, 8)):
+        ok = [m for m in range(p, 4 * p + 1, p) if stash_holds(p, v, m)]
+        assert ok == list(range(want, 4 * p + 1, p)), (p, v, ok)
+        assert [m for m in range(p, 4 * p + 1, p) if two_bw.problem(p, m, v) is None] == ok
+    for p in (2, 3, 4):
+        ok = [m for m in range(1, 2 * p) if stash_holds(p, 1, m)]
+        assert ok == list(range(p - 1 or 1, 2 * p))
+        assert [m for m in range(1, 2 * p) if two_bw.problem(p, m, 1) is None] == ok
+
+
+def test_validator_checks_each_chunks_own_step():
+    from megatron_paci.pipeline.actions import parse_action
+    from megatron_paci.pipeline.validate import ScheduleListError, check_rank
+
+    def acts(text):
+        return [parse_action(t) for t in text.split()]
+
+    paci, flush = get_schedule("paci"), get_schedule("1f1b_flush")
+    good = acts("F1 F1c1 B1c1 S1c1 B1 S1")
+    check_rank(paci, 0, good, 1, 1, 1, 2)
+    with pytest.raises(ScheduleListError, match=r"action 2 \(S1c1\): steps before B1c1"):
+        check_rank(paci, 0, acts("F1 F1c1 S1c1 B1c1 B1 S1"), 1, 1, 1, 2)
+    with pytest.raises(ScheduleListError, match="ends after STEP0 of chunk 1"):
+        check_rank(paci, 0, acts("F1 F1c1 B1c1 B1 S1"), 1, 1, 1, 2)
+    with pytest.raises(ScheduleListError, match="a global STEP updates every chunk"):
+        check_rank(flush, 0, acts("F1 F1c1 B1c1 B1 S1c1"), 1, 1, 1, 2)

@@ -243,8 +243,12 @@ def test_cli_output_folder(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     names = sorted(p.name for p in folder.iterdir())
     want = [f"timeline_{n}_P4_M4.png" for n in SCHEDULES]
-    want += ["timeline_1f1b_flush_v2_P4_M4.png", "timeline_all_P4_M4.png"]  # + the stack
+    want += ["timeline_1f1b_flush_v2_P4_M4.png", "timeline_paci_v2_P4_M4.png",
+             "timeline_all_P4_M4.png"]  # + the stack
     assert names == sorted(want)
+    # Interleaved 2BW needs m >= 2P = 8 at P=4: named, not drawn.
+    assert "pipedream_2bw v=2 skipped: PipeDream-2BW with parallel.virtual_pipeline=2" in out
+    assert "use m >= 8" in out
     for name in names:
         assert f"wrote {folder / name}" in out
 
