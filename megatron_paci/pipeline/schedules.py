@@ -11,6 +11,7 @@ them; update ``k`` is 1-based; a version ``v`` is the number of updates already 
 
 from __future__ import annotations
 
+import functools
 import math
 
 from megatron_paci.pipeline.actions import STEP, Action, B, F  # noqa: F401  (re-exported)
@@ -60,38 +61,16 @@ def _no_flush(stages, stage, window, num_windows, first_window, chunks):
     return local_steps(order, window)
 
 
-def _flush_requires(stages: int, window: int, chunks: int) -> str | None:
+def _interleaving_requires(stages: int, window: int, chunks: int) -> str | None:
     return interleaving_problem(stages, chunks, window)
 
 
-def earlier_in_flight(stages: int, chunks: int) -> list[list[int]]:
-    """``[s][c]``: the most earlier micro-batches of chunk c still waiting for their
-    backward when a forward of chunk c starts on rank s (n_{s,c} in
-    docs/schedules/virtual_stages.md), counted from the order over 8P micro-batches,
-    past every warm-up. Without interleaving it is P-s-1."""
-    n = 8 * stages
-    rows = []
-    for s in range(stages):
-        acts = interleaved_one_f_one_b(stages, s, chunks, n)
-        backwarded = [0] * chunks
-        most = [0] * chunks
-        for a in acts:
-            if a.kind == "F":
-                most[a.chunk] = max(most[a.chunk], a.index - 1 - backwarded[a.chunk])
-            elif a.kind == "B":
-                backwarded[a.chunk] += 1
-        rows.append(most)
-    return rows
-
-
-def _async_requires(stages: int, window: int, chunks: int) -> str | None:
-    return interleaving_problem(stages, chunks, window)
-
-
+@functools.cache
 def updates_crossed(stages: int, window: int, chunks: int) -> int:
     """The most updates of its own chunk a micro-batch crosses between F and B under the
     no-flush order with each chunk stepping after its own window, counted from the lists
-    over enough windows to pass every warm-up (PACI's drift; ceil((P-1)/a) unchunked)."""
+    over enough windows to pass every warm-up (PACI's drift; ceil((P-1)/a) unchunked).
+    Cached: 2BW's precondition asks it each time its action lists are built."""
     windows = max(4, -(-8 * stages // window))
     most = 0
     for s in range(stages):
@@ -127,7 +106,7 @@ def _two_bw_requires(stages: int, window: int, chunks: int) -> str | None:
 
 FLUSH = register(ScheduleSpec(
     name="1f1b_flush", title="1F1B-flush", build=_flush, global_step=True,
-    tied_embeddings_across_stages=True, max_chunks=None, requires=_flush_requires,
+    tied_embeddings_across_stages=True, max_chunks=None, requires=_interleaving_requires,
     summary="Megatron's default: 1F1B per window, then a global flush and step; with "
             "parallel.virtual_pipeline=v, Megatron's interleaved 1F1B"))
 PIPEDREAM_2BW = register(ScheduleSpec(
@@ -137,7 +116,7 @@ PIPEDREAM_2BW = register(ScheduleSpec(
     summary="no flush, two weight versions, one-step delayed gradients"))
 PACI = register(ScheduleSpec(
     name="paci", title="PACI", build=_no_flush, global_step=False,
-    tied_embeddings_across_stages=False, max_chunks=None, requires=_async_requires,
+    tied_embeddings_across_stages=False, max_chunks=None, requires=_interleaving_requires,
     summary="no flush, one weight copy; each stage (each model chunk, interleaved) "
             "steps after its own window"))
 

@@ -211,15 +211,19 @@ def test_missing_and_malformed_yaml_files(tmp_path):
         load_schedule_file(str(bad))
 
 
+# n_{s,c}: the most earlier micro-batches of chunk c in flight at a forward of chunk c
+# on rank s (rows: ranks; entries: chunks), docs/schedules/virtual_stages.md's table.
+EARLIER_IN_FLIGHT = {(2, 2): [[3, 1], [2, 0]], (2, 3): [[3, 2, 1], [3, 1, 0]],
+                     (4, 2): [[7, 3], [7, 3], [6, 2], [4, 0]],
+                     (4, 3): [[7, 6, 3], [7, 4, 3], [7, 3, 2], [7, 3, 0]]}
+
+
 def test_same_chunk_backwards_in_flight():
     """docs/schedules/virtual_stages.md's table: the most backwards of chunk c between
     F(j, c) and B(j, c) in Megatron's interleaved order, which sets PACI's bound there."""
     from megatron_paci.pipeline.orders import interleaved_one_f_one_b
 
-    want = {(2, 2): [[3, 1], [2, 0]], (2, 3): [[3, 2, 1], [3, 1, 0]],
-            (4, 2): [[7, 3], [7, 3], [6, 2], [4, 0]],
-            (4, 3): [[7, 6, 3], [7, 4, 3], [7, 3, 2], [7, 3, 0]]}
-    for (p, v), rows in want.items():
+    for (p, v), rows in EARLIER_IN_FLIGHT.items():
         n = 8 * p
         for s in range(p):
             acts = interleaved_one_f_one_b(p, s, v, n)
@@ -288,11 +292,9 @@ INTERLEAVED_DRIFT = {
 
 
 def test_interleaved_paci_drift_table_and_bound():
-    from megatron_paci.pipeline.schedules import earlier_in_flight
-
     paci = get_schedule("paci")
     for (p, v, a), rows in INTERLEAVED_DRIFT.items():
-        n = earlier_in_flight(p, v)
+        n = EARLIER_IN_FLIGHT[p, v]
         for s in range(p):
             table = paci.versions(p, s, a, 6, 1, v)
             got = [max(vb - vf for (c, _), (vf, vb) in table.items() if c == chunk)
