@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import errno
 import json
 import os
@@ -40,12 +41,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.tensor import DTensor
 
+from megatron_paci.checkpoint.flat_shards import lookup, put_back, set_aside
 from megatron_paci.checkpoint.integrity import (
     DCP_METADATA_FILE,
     FORMAT_VERSION,
@@ -126,8 +130,57 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
+class _SavePlanner(DefaultSavePlanner):
+    """Finds a ZeRO-1 ``FlatShard``'s blocks (DCP's lookup knows tensors only)."""
+
+    def lookup_object(self, index: Any) -> Any:
+        found = lookup(self.state_dict, index)
+        return super().lookup_object(index) if found is None else found
+
+
+class _HostCopy:
+    """Stages an asynchronous save: each tensor copied to host memory on its own, and a
+    ZeRO-1 ``FlatShard`` as its blocks alone. DCP's own stagers deep-copy a DTensor
+    through its storage, which fails for a view (a ZeRO-1 parameter is a view of the
+    flat buffer)."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return _host_copy(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _host_copy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _host_copy(v) for k, v in x.items()}
+    if isinstance(x, DTensor):
+        return DTensor.from_local(x.to_local().detach().to("cpu", copy=True), x.device_mesh,
+                                  x.placements, run_check=False, shape=x.shape,
+                                  stride=x.stride())
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    return copy.deepcopy(x)  # a FlatShard copies its blocks alone
+
+
 class _TensorOnlyLoadPlanner(DefaultLoadPlanner):
-    """Refuses non-tensor entries: DCP would ``torch.load`` them with full unpickling."""
+    """Refuses non-tensor entries: DCP would ``torch.load`` them with full unpickling.
+    Fills a ZeRO-1 ``FlatShard``'s blocks in place."""
+
+    def set_up_planner(self, state_dict: Any, metadata: Any = None,
+                       is_coordinator: bool = False) -> None:
+        aside = set_aside(state_dict)
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        self.state_dict.update(put_back(state_dict, aside))
+
+    def lookup_tensor(self, index: Any) -> Any:
+        found = lookup(self.state_dict, index)
+        return super().lookup_tensor(index) if found is None else found
 
     def load_bytes(self, read_item, value) -> None:  # noqa: ANN001
         raise CheckpointError(
@@ -236,7 +289,7 @@ def save_checkpoint(
     if not async_save:
         try:
             with _quiet_single_process():
-                dcp.save(tensors, storage_writer=writer)
+                dcp.save(tensors, storage_writer=writer, planner=_SavePlanner())
         except (Exception, CheckpointException) as e:
             # DCP gathers every rank's failure: each rank raises here alike.
             raise _save_failed(root, final, partial, e) from e
@@ -248,7 +301,8 @@ def save_checkpoint(
     if not _distributed():
         # DCP's background thread repeats the single-process warning on every save.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single")
-    upload = dcp.async_save(tensors, storage_writer=writer, process_group=_async_group(),
+    upload = dcp.async_save(tensors, storage_writer=writer, planner=_SavePlanner(),
+                            async_stager=_HostCopy(), process_group=_async_group(),
                             no_dist=not _distributed())
     upload = getattr(upload, "upload_completion", upload)
 

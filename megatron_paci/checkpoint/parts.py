@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_paci.checkpoint.flat_shards import FlatShard
 from megatron_paci.checkpoint.format import (
     CheckpointError,
     SafeFileSystemReader,
@@ -120,21 +121,27 @@ class ModelPart:
 
 
 class OptimizerPart:
-    """AdamW state as ``<param>.<key>``, the same for the plain and the ZeRO-1 path (which
-    gathers full tensors at save and keeps its shard at load)."""
+    """AdamW state as ``<param>.<key>``, the same global tensors for the plain and the
+    ZeRO-1 path: a ZeRO-1 rank saves and loads its own slices in place (``FlatShard``),
+    with no gather."""
 
     def __init__(self, optimizer: Any, model: ModelPart, pstate: Any) -> None:
         self.optimizer, self.model, self.pstate = optimizer, model, pstate
 
     def state_dict(self, create: bool = False) -> dict[str, Any]:
         out = {}
-        for key, t in self.optimizer.state_by_name(create=create).items():
-            name = key.rsplit(".", 1)[0]
-            out[key] = as_global(t, self.model.dim(name) if t.ndim else None, self.pstate)
+        tp_rank, tp_size = self.pstate.tensor_rank, self.pstate.tensor_size
+        for key, t in self.optimizer.checkpoint_state(create=create).items():
+            dim = self.model.dim(key.rsplit(".", 1)[0])
+            if isinstance(t, list):
+                out[key] = FlatShard.of(t, dim, tp_rank, tp_size)
+            else:
+                out[key] = as_global(t, dim if t.ndim else None, self.pstate)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_by_name({k: _local(v) for k, v in state.items()})
+        self.optimizer.load_checkpoint_state(
+            {k: v if isinstance(v, FlatShard) else _local(v) for k, v in state.items()})
 
 
 class RngPart:
@@ -244,10 +251,19 @@ class TrainingCheckpoint:
                 self.log(f"checkpoint: {key} is not loaded ({_why_dropped(rule)})")
                 break
         load_checkpoint(path, tree)
+        # A ZeRO-1 rank's slices of the copy sit elsewhere in the tensor than those of
+        # the tensor it copies: it reads them from the checkpoint itself, in a second
+        # load that every rank joins.
+        again: dict[str, Any] = {"optimizer": {}}
         for targets, key, src in copies:
             section = "optimizer" if targets is optim else "model"
+            if isinstance(targets[key], FlatShard):
+                again["optimizer"][src] = targets[key]
+                continue
             with torch.no_grad():
                 _local(targets[key]).copy_(_local(tree[section][src]))
+        if _union_over_ranks({"again"} if again["optimizer"] else set()):
+            load_checkpoint(path, again, verify=False)
         for name in (HEAD, EMBEDDING):
             if name in self.model.dims and rule.source(name) != name:
                 self.log(f"checkpoint: {name} and its optimizer state start from the "

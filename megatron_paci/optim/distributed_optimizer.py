@@ -15,12 +15,24 @@ other dtypes (bf16) keep the buffer as their fp32 master copy and are cast back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from megatron_paci.optim.grad_sync import GradBuffer
 from megatron_paci.parallel import comm
+
+
+@dataclass(frozen=True)
+class FlatSlice:
+    """A run of one parameter's elements, in row-major order, that this rank's shard owns:
+    how a checkpoint writes ZeRO-1 state without gathering it (and reads it back into
+    place)."""
+
+    shape: torch.Size  # the parameter's shape on this rank (a tp shard's local shape)
+    start: int  # flat index, in the parameter, of ``values[0]``
+    values: torch.Tensor  # 1-D view into this rank's moment shard
 
 
 class DistributedOptimizer:
@@ -181,6 +193,30 @@ class DistributedOptimizer:
             out[f"{name}.exp_avg"] = full_m[start:start + n].view(p.shape).clone()
             out[f"{name}.exp_avg_sq"] = full_v[start:start + n].view(p.shape).clone()
         return out
+
+    def state_slices(self) -> dict[str, torch.Tensor | list[FlatSlice]]:
+        """This rank's state with no communication: per parameter its ``step`` and, for
+        each moment, the slices of it this rank owns (views: a load fills them in place).
+        A parameter with no element in this rank's shard gets no moment entries."""
+        out: dict[str, torch.Tensor | list[FlatSlice]] = {}
+        for p in self.params:
+            name = self.names[id(p)]
+            start, n = self.grad_buffer.param_range[id(p)]
+            out[f"{name}.step"] = torch.tensor(float(self.step_count), dtype=torch.float32)
+            for key, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                slices = [FlatSlice(p.shape, a - start, shard[off + a - lo:off + b - lo])
+                          for lo, hi, off in self._local_slices()
+                          for a, b in [(max(lo, start), min(hi, start + n))] if a < b]
+                if slices:
+                    out[f"{name}.{key}"] = slices
+        return out
+
+    def load_state_slices(self, state: dict[str, torch.Tensor | list[FlatSlice]]) -> None:
+        """After a checkpoint filled ``state_slices()``'s views in place: take the step."""
+        steps = {int(t.item()) for k, t in state.items() if k.endswith(".step")}
+        if len(steps) != 1:
+            raise ValueError(f"load_state_slices: parameters disagree on step: {sorted(steps)}")
+        self.step_count = steps.pop()
 
     def load_state_by_name(self, state: dict[str, torch.Tensor]) -> None:
         """Take full per-parameter tensors and keep this rank's shard (no communication)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -210,6 +211,20 @@ class Optimizer:
             return self.distributed.state_by_name()
         return optimizer_state_by_name(self.aliases, self.adamw, create=create)
 
+    def checkpoint_state(self, create: bool = False) -> dict[str, Any]:
+        """What a checkpoint saves and loads in place, with no communication: the plain
+        path's tensors by name; ZeRO-1's per-parameter ``FlatSlice`` lists of its shard."""
+        if self.distributed is not None:
+            return self.distributed.state_slices()
+        return self.state_by_name(create=create)
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """After a load filled ``checkpoint_state()``'s tensors in place."""
+        if self.distributed is not None:
+            self.distributed.load_state_slices(state)
+        else:
+            self.load_state_by_name(state)
+
     def local_state(self) -> list[torch.Tensor]:
         """This rank's own optimizer tensors, with no communication (ZeRO-1: its shard of
         the moments): what a per-rank check reads, where ``state_by_name`` would gather."""
@@ -253,13 +268,24 @@ class ChunkedOptimizer:
     def state_by_name(self, create: bool = False) -> dict[str, torch.Tensor]:
         return {k: v for o in self.optimizers for k, v in o.state_by_name(create).items()}
 
+    def checkpoint_state(self, create: bool = False) -> dict[str, Any]:
+        return {k: v for o in self.optimizers for k, v in o.checkpoint_state(create).items()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        for o in self.optimizers:
+            o.load_checkpoint_state(_own(o, state))
+
     def local_state(self) -> list[torch.Tensor]:
         return [t for o in self.optimizers for t in o.local_state()]
 
     def load_state_by_name(self, state: dict[str, torch.Tensor]) -> None:
         for o in self.optimizers:
-            prefixes = tuple(f"{n}." for n, _ in o.named)
-            o.load_state_by_name({k: v for k, v in state.items() if k.startswith(prefixes)})
+            o.load_state_by_name(_own(o, state))
+
+
+def _own(optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    prefixes = tuple(f"{n}." for n, _ in optimizer.named)
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
