@@ -67,6 +67,7 @@ class FlatShard:
         self.pieces = pieces  # (global offsets, a view of the block's shape)
         self.shape = torch.Size(global_shape)
         self.dtype = pieces[0][1].dtype
+        self.device = pieces[0][1].device
 
     @classmethod
     def of(cls, slices: list[FlatSlice], tp_dim: int | None, tp_rank: int,

@@ -168,6 +168,7 @@ def import_model(model_dir: str, output: str, overrides: list[str],
         "schedule": cfg.pipeline.schedule, "pipeline_stash": False,
         "layout": {"world": 1, "tensor": 1, "pipeline": 1, "data": 1},
         "imported_from": os.path.abspath(model_dir),
+        "vocab_size": m.vocab_size,
     }
     for src, dst in tok_files:
         os.makedirs(os.path.dirname(dst), exist_ok=True)

@@ -13,6 +13,12 @@ change needs beyond that lives here:
   and its optimizer state, as copies of the embedding's. An untied checkpoint loaded
   into a tied model is refused unless the two are equal, or
   ``checkpoint.untied_head=use_embedding|use_head`` says which one the tie keeps.
+- **Padded vocabulary.** The embedding and head rows are padded to a multiple of
+  ``model.make_vocab_size_divisible_by`` x tp, so another tp (or divisor) gives them
+  another row count. With the same real vocabulary (``meta.json``'s ``vocab_size``)
+  they, their AdamW moments and 2BW's stashed copies convert by rows
+  (``vocab_rows.py``): real rows load exactly, surplus padding is dropped, new padding
+  rows copy the saved padding rows. Another real vocabulary is refused.
 - **RNG.** States restore exactly when the layout is the same; otherwise every rank
   re-derives its state from the seed, its ranks and the iteration, and says so.
 - **Nothing in silence.** Every model and optimizer tensor in the checkpoint is
@@ -37,6 +43,7 @@ from megatron_paci.checkpoint.format import (
     save_checkpoint,
 )
 from megatron_paci.checkpoint.sharding import as_global
+from megatron_paci.checkpoint.vocab_rows import FILL_RULE, VocabRowLoad, saved_vocab_size
 
 EMBEDDING = "embedding.word_embeddings.weight"
 HEAD = "output_layer.weight"
@@ -164,13 +171,17 @@ class TrainingCheckpoint:
     def __init__(self, *, model: ModelPart, optimizer: OptimizerPart, rng: RngPart,
                  policy: Any, stashes: bool, json_state: Callable[[], dict[str, Any]],
                  layout: dict[str, int], model_tied: bool, head_choice: str,
-                 log: Log) -> None:
+                 log: Log, vocab_size: int | None = None,
+                 tokenizer_vocab: int | None = None) -> None:
         """``policy`` is the schedule's weight-version policy: its step counter is schedule
-        state, and with ``stashes`` (PipeDream-2BW) so is its older weight version."""
+        state, and with ``stashes`` (PipeDream-2BW) so is its older weight version.
+        ``vocab_size``: the real (unpadded) vocabulary, recorded in meta.json;
+        ``tokenizer_vocab``: the tokenizer's size, for checkpoints that lack it."""
         self.model, self.optimizer, self.rng = model, optimizer, rng
         self.policy, self.stashes = policy, stashes
         self.json_state, self.layout = json_state, layout
         self.model_tied, self.head_choice, self.log = model_tied, head_choice, log
+        self.vocab_size, self.tokenizer_vocab = vocab_size, tokenizer_vocab
 
     # --- save -----------------------------------------------------------------------
 
@@ -185,6 +196,8 @@ class TrainingCheckpoint:
                                          for n, t in older.items()}
         meta = {**self.json_state(), "pipeline_stash": self.stashes,
                 "layout": self.layout, "head": "tied" if self.model_tied else "untied"}
+        if self.vocab_size is not None:
+            meta["vocab_size"] = self.vocab_size
         return save_checkpoint(root, iteration, tensors, meta, config_yaml,
                                keep_last=keep_last, async_save=async_save)
 
@@ -220,6 +233,7 @@ class TrainingCheckpoint:
             stash_targets = {n: _clone_target(t) for n, t in self.model.state_dict().items()
                              if n in params and f"pipeline_stash.{n}" in saved}
             tree["pipeline_stash"] = stash_targets
+        vocab_rows = self._plan_vocab_rows(path, meta, tree, saved)
         mismatched = {
             f"{section}.{key} has shape {list(saved[f'{section}.{key}'])} in the checkpoint "
             f"but {list(t.shape)} in this model"
@@ -251,6 +265,7 @@ class TrainingCheckpoint:
                 self.log(f"checkpoint: {key} is not loaded ({_why_dropped(rule)})")
                 break
         load_checkpoint(path, tree)
+        vocab_rows.finish()
         # A ZeRO-1 rank's slices of the copy sit elsewhere in the tensor than those of
         # the tensor it copies: it reads them from the checkpoint itself, in a second
         # load that every rank joins.
@@ -263,7 +278,11 @@ class TrainingCheckpoint:
             with torch.no_grad():
                 _local(targets[key]).copy_(_local(tree[section][src]))
         if _union_over_ranks({"again"} if again["optimizer"] else set()):
+            rows = VocabRowLoad(path, self.vocab_size,
+                                saved_vocab_size(path, meta, self.tokenizer_vocab))
+            rows.plan(again, saved)
             load_checkpoint(path, again, verify=False)
+            rows.finish()
         for name in (HEAD, EMBEDDING):
             if name in self.model.dims and rule.source(name) != name:
                 self.log(f"checkpoint: {name} and its optimizer state start from the "
@@ -291,6 +310,28 @@ class TrainingCheckpoint:
             self.log(f"checkpoint: {path} holds PipeDream-2BW's older weight version; this "
                      "schedule keeps one copy and does not load it")
         return meta
+
+    def _plan_vocab_rows(self, path: str, meta: dict[str, Any], tree: dict[str, Any],
+                         saved: dict[str, tuple[int, ...]]) -> VocabRowLoad:
+        """Swap the targets of vocabulary tensors whose padded row count changed for ones
+        of the saved shape (converted by ``finish`` after the load). Collective: every
+        rank reaches the same verdict, holding such tensors or not."""
+        rows = VocabRowLoad(path, self.vocab_size,
+                            saved_vocab_size(path, meta, self.tokenizer_vocab))
+        try:
+            rows.plan(tree, saved)
+            problems: set[str] = set()
+        except CheckpointError as e:
+            problems = {str(e)}
+        problems = _union_over_ranks(problems)
+        if problems:
+            raise CheckpointError(sorted(problems)[0])
+        changed = _union_over_ranks({f"{rows.rows[0]} -> {rows.rows[1]}"} if rows.rows else set())
+        for change in sorted(changed):
+            self.log(f"checkpoint: the padded vocabulary changes {change} rows; the first "
+                     f"{self.vocab_size} rows load exactly, padding rows beyond the new size "
+                     f"are dropped, {FILL_RULE}")
+        return rows
 
     def _check_untied_head_equal(self, path: str, saved: dict[str, tuple[int, ...]]) -> None:
         emb_key, head_key = f"model.{EMBEDDING}", f"model.{HEAD}"

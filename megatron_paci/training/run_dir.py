@@ -10,7 +10,9 @@ Checked by global rank 0 before anything under ``run.dir`` is written:
   warning.
 - **A resume** compares the checkpoint's ``config.yaml`` with this run's config: the
   differences are printed (``key: saved -> this run``), and changes that give tensors
-  another shape are refused in one line, before the load would fail halfway.
+  another shape are refused in one line, before the load would fail halfway. A change
+  of the padded vocabulary alone (another tp or ``make_vocab_size_divisible_by``) is
+  not: the load converts the padding rows, and a line says so.
 - **A fresh start** (``checkpoint.load=false``) over an earlier run's checkpoints or
   metrics is refused unless ``checkpoint.start_over=true``, which moves them to
   ``run.dir/previous/<time>/``; nothing is deleted.
@@ -38,6 +40,7 @@ import yaml
 
 from megatron_paci.checkpoint.format import CONFIG_FILE, list_checkpoints
 from megatron_paci.checkpoint.inspect import config_diff
+from megatron_paci.checkpoint.vocab_rows import FILL_RULE
 from megatron_paci.config.loader import ConfigError, to_yaml
 from megatron_paci.config.schema import Config, ModelConfig
 from megatron_paci.model.gpt import padded_vocab_size
@@ -308,21 +311,26 @@ def move_aside(run_dir: str, now: float | None = None) -> tuple[str, list[str]]:
 # --- the config of a resume --------------------------------------------------------
 
 
+VOCAB = "vocabulary (model.vocab_size or the tokenizer's)"
+PADDED_VOCAB = ("padded vocabulary (model.vocab_size or the tokenizer's, "
+                "model.make_vocab_size_divisible_by, parallel.tensor)")
+
+
 def tensor_shapes(config: dict[str, Any], tokenizer_vocab: int) -> dict[str, Any]:
     """The config values that set the model's tensor shapes, as they take effect (a
     ``None`` resolved to what it stands for), from a config as YAML loads it."""
     m = {**dataclasses.asdict(ModelConfig()), **(config.get("model") or {})}
     tp = (config.get("parallel") or {}).get("tensor", 1)
     h = m["hidden_size"]
+    vocab = m["vocab_size"] or tokenizer_vocab
     shapes = {
         "model.num_layers": m["num_layers"],
         "model.hidden_size": h,
         "model.num_attention_heads": m["num_attention_heads"],
         "model.ffn_hidden_size (None: 4 x hidden_size)": m["ffn_hidden_size"] or 4 * h,
         "model.position_embedding": m["position_embedding"],
-        "padded vocabulary (model.vocab_size or the tokenizer's, "
-        "model.make_vocab_size_divisible_by, parallel.tensor)": padded_vocab_size(
-            m["vocab_size"] or tokenizer_vocab, m["make_vocab_size_divisible_by"], tp),
+        VOCAB: vocab,
+        PADDED_VOCAB: padded_vocab_size(vocab, m["make_vocab_size_divisible_by"], tp),
     }
     if m["position_embedding"] == "learned":
         shapes["position table rows (model.max_position_embeddings, None: "
@@ -333,10 +341,26 @@ def tensor_shapes(config: dict[str, Any], tokenizer_vocab: int) -> dict[str, Any
 def shape_changes(saved: dict[str, Any], given: dict[str, Any],
                   tokenizer_vocab: int) -> list[str]:
     """``what: saved -> given`` for every change that gives a tensor another shape
-    (tied vs untied heads are checkpoint.untied_head's business, not listed here)."""
+    (tied vs untied heads are checkpoint.untied_head's business, not listed here).
+
+    The padded vocabulary alone may change: with the same real vocabulary the load
+    converts the embedding and head rows (checkpoint/vocab_rows.py). A real vocabulary
+    change is listed when it changes the padded row count (with the same rows, the
+    tensors load as they are, as before)."""
     a, b = tensor_shapes(saved, tokenizer_vocab), tensor_shapes(given, tokenizer_vocab)
+    convertible = a[VOCAB] == b[VOCAB] or a[PADDED_VOCAB] == b[PADDED_VOCAB]
     return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}"
-            for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+            for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)
+            and not (convertible and k in (VOCAB, PADDED_VOCAB))]
+
+
+def padded_vocab_change(saved: dict[str, Any], given: dict[str, Any],
+                        tokenizer_vocab: int) -> tuple[int, int] | None:
+    """(saved, given) padded vocabulary rows where only the padding changes, else None."""
+    a, b = tensor_shapes(saved, tokenizer_vocab), tensor_shapes(given, tokenizer_vocab)
+    if a[VOCAB] == b[VOCAB] and a[PADDED_VOCAB] != b[PADDED_VOCAB]:
+        return a[PADDED_VOCAB], b[PADDED_VOCAB]
+    return None
 
 
 def _saved_config(run_dir: str, checkpoint: str) -> tuple[str, dict[str, Any]] | None:
@@ -369,6 +393,11 @@ def check_resume(cfg: Config, checkpoint: str, tokenizer_vocab: int, log: Log = 
         log(f"resume: {len(diff)} setting{'s' * (len(diff) > 1)} differ from {source} "
             "(key: saved -> this run):\n" + "\n".join(f"  {row}" for row in diff))
     changed = shape_changes(saved, given, tokenizer_vocab)
+    rows = padded_vocab_change(saved, given, tokenizer_vocab)
+    if rows and not changed:
+        log(f"resume: the padded vocabulary changes from {rows[0]} to {rows[1]} rows (same "
+            f"{tensor_shapes(given, tokenizer_vocab)[VOCAB]} real tokens, which load "
+            f"exactly); padding rows beyond {rows[1]} are dropped, {FILL_RULE}")
     if changed:
         raise ConfigError(
             f"cannot resume {checkpoint} with another model shape: {'; '.join(changed)} "

@@ -299,7 +299,9 @@ class Trainer:
                     "pipeline": ps.pipeline_size, "data": ps.data_size,
                     "virtual_pipeline": self.chunks},
             model_tied=self.model.cfg.tie_embeddings,
-            head_choice=self.cfg.checkpoint.untied_head, log=self._print)
+            head_choice=self.cfg.checkpoint.untied_head, log=self._print,
+            vocab_size=self.cfg.model.vocab_size or self.tokenizer.vocab_size,
+            tokenizer_vocab=self.tokenizer.vocab_size)
 
     def save(self) -> str | None:
         """Write a checkpoint at this drain, unless the state is not one to resume from

@@ -15,6 +15,7 @@ from megatron_paci.training.run_dir import (
     RunDirLock,
     check_contents,
     open_run_dir,
+    padded_vocab_change,
     shape_changes,
 )
 
@@ -139,8 +140,36 @@ def test_shape_changes_list_what_changes_a_tensor_and_nothing_else():
     assert shape_changes(rope, raw(position_embedding="rope", seq_length=64), 500) == []
     # 500 tokens pad to 512 at multiples of 128 and of 64, to 1000 at multiples of 1000.
     assert shape_changes(base, raw(make_vocab_size_divisible_by=64), 500) == []
-    [vocab] = shape_changes(base, raw(make_vocab_size_divisible_by=1000), 500)
-    assert vocab.startswith("padded vocabulary") and vocab.endswith(": 512 -> 1000")
+
+
+def test_a_padded_vocabulary_change_is_accepted_and_a_real_one_refused():
+    base = raw()  # 500 tokens, padded to 512
+    # Only the padding changes (another divisor, another tp): the load converts rows.
+    assert shape_changes(base, raw(make_vocab_size_divisible_by=1000), 500) == []
+    assert padded_vocab_change(base, raw(make_vocab_size_divisible_by=1000), 500) == (512, 1000)
+    tp2 = {**raw(make_vocab_size_divisible_by=300), "parallel": {"tensor": 2}}
+    assert shape_changes(base, tp2, 500) == [] and padded_vocab_change(base, tp2, 500) == (512, 600)
+    # Another real vocabulary with another row count: which rows are real is unknown.
+    got = shape_changes(base, raw(vocab_size=600), 500)
+    assert got == ["vocabulary (model.vocab_size or the tokenizer's): 500 -> 600",
+                   "padded vocabulary (model.vocab_size or the tokenizer's, "
+                   "model.make_vocab_size_divisible_by, parallel.tensor): 512 -> 640"]
+    assert padded_vocab_change(base, raw(vocab_size=600), 500) is None
+    # Same rows, other real size: the tensors load as they are (as before).
+    assert shape_changes(base, raw(vocab_size=510), 500) == []
+
+
+def test_resume_at_another_padding_logs_the_conversion(tmp_path):
+    run = tmp_path / "run"
+    earlier_run(run, cfg_for(run))  # null:500 pads to 512 at multiples of 128
+    log = []
+    check_contents(cfg_for(run, **{"parallel.tensor": 2,
+                                   "model.make_vocab_size_divisible_by": 192}), 500, log.append)
+    assert any(line.startswith("resume: the padded vocabulary changes from 512 to 768 rows "
+                               "(same 500 real tokens") and "copies" in line for line in log)
+    with pytest.raises(ConfigError, match="vocabulary .*: 500 -> 600"):
+        check_contents(cfg_for(run, **{"parallel.tensor": 2, "model.vocab_size": 600}), 500,
+                       log.append)
 
 
 # --- what a launch may do with an earlier run -------------------------------------------
