@@ -128,7 +128,7 @@ class PipelineExecutor:
         self.chunks = chunks
         # Chunks that step on their own (PACI, 2BW interleaved): ``optimizer`` is a
         # ChunkedOptimizer and ``policy`` a ChunkPolicies, one per chunk.
-        self.per_chunk = schedule.steps_per_chunk and chunks > 1
+        self.per_chunk = schedule.optimizer_per_chunk(chunks)
         self._chunk_steps: dict[int, list] = {}  # k -> [chunks stepped, norm^2, skipped]
         self.record_events = record_events
         self.verify_versions = verify_versions

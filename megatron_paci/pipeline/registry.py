@@ -56,6 +56,11 @@ class ScheduleSpec:
         steps locally (with one chunk per rank, the chunk is the stage)."""
         return not self.global_step
 
+    def optimizer_per_chunk(self, chunks: int) -> bool:
+        """Whether a rank holding ``chunks`` model chunks needs one optimizer (and one
+        weight-version policy) per chunk: its chunks step on their own."""
+        return self.steps_per_chunk and chunks > 1
+
     def problem(self, stages: int, window: int, chunks: int = 1,
                 distributed_optimizer: bool = False) -> str | None:
         """Why this schedule cannot run the layout (naming the sizes), or None."""

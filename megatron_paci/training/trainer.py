@@ -233,7 +233,7 @@ class Trainer:
                              clip_across_pipeline=self.schedule.global_step,
                              kernels=self.kernels, named=named)
 
-        if self.schedule.steps_per_chunk and self.chunks > 1:
+        if self.schedule.optimizer_per_chunk(self.chunks):
             named = [self.model.chunk_parameters(c) for c in range(self.chunks)]
             optimizers = [build(n) for n in named]
             self.optimizer = ChunkedOptimizer(optimizers)
