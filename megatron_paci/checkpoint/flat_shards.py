@@ -89,10 +89,6 @@ class FlatShard:
                 pos += n
         return cls(pieces, torch.Size(full))
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def size(self) -> torch.Size:
         return self.shape
 

@@ -43,17 +43,18 @@ from megatron_paci.checkpoint.format import (
     save_checkpoint,
 )
 from megatron_paci.checkpoint.sharding import as_global
-from megatron_paci.checkpoint.vocab_rows import FILL_RULE, VocabRowLoad, saved_vocab_size
+from megatron_paci.checkpoint.sharding import local_tensor as _local
+from megatron_paci.checkpoint.vocab_rows import (
+    FILL_RULE,
+    VOCAB_PARAMS,
+    VocabRowLoad,
+    saved_vocab_size,
+)
 
-EMBEDDING = "embedding.word_embeddings.weight"
-HEAD = "output_layer.weight"
+EMBEDDING, HEAD = VOCAB_PARAMS
 HEAD_CHOICES = ("refuse", "use_embedding", "use_head")
 
 Log = Callable[[str], None]
-
-
-def _local(t: Any) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _clone_target(t: Any) -> Any:
@@ -278,8 +279,7 @@ class TrainingCheckpoint:
             with torch.no_grad():
                 _local(targets[key]).copy_(_local(tree[section][src]))
         if _union_over_ranks({"again"} if again["optimizer"] else set()):
-            rows = VocabRowLoad(path, self.vocab_size,
-                                saved_vocab_size(path, meta, self.tokenizer_vocab))
+            rows = self._vocab_rows(path, meta)
             rows.plan(again, saved)
             load_checkpoint(path, again, verify=False)
             rows.finish()
@@ -311,13 +311,16 @@ class TrainingCheckpoint:
                      "schedule keeps one copy and does not load it")
         return meta
 
+    def _vocab_rows(self, path: str, meta: dict[str, Any]) -> VocabRowLoad:
+        return VocabRowLoad(path, self.vocab_size,
+                            saved_vocab_size(path, meta, self.tokenizer_vocab))
+
     def _plan_vocab_rows(self, path: str, meta: dict[str, Any], tree: dict[str, Any],
                          saved: dict[str, tuple[int, ...]]) -> VocabRowLoad:
         """Swap the targets of vocabulary tensors whose padded row count changed for ones
         of the saved shape (converted by ``finish`` after the load). Collective: every
         rank reaches the same verdict, holding such tensors or not."""
-        rows = VocabRowLoad(path, self.vocab_size,
-                            saved_vocab_size(path, meta, self.tokenizer_vocab))
+        rows = self._vocab_rows(path, meta)
         try:
             rows.plan(tree, saved)
             problems: set[str] = set()

@@ -39,6 +39,11 @@ def _contiguous_stride(shape: list[int]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+def local_tensor(t: Any) -> torch.Tensor:
+    """A DTensor's own shard; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def as_global(t: torch.Tensor, dim: int | None, pstate: ParallelState) -> Any:
     """``t`` as DCP should see it: a DTensor when it is a tp shard, else itself."""
     if dim is None or pstate.tensor_size == 1:

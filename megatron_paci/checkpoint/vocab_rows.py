@@ -29,8 +29,10 @@ from typing import Any
 import torch
 
 from megatron_paci.checkpoint.integrity import CheckpointError
+from megatron_paci.checkpoint.sharding import local_tensor as _local
+from megatron_paci.model.gpt import OUTPUT_LAYER, WORD_EMBEDDING
 
-VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_PARAMS = (WORD_EMBEDDING, OUTPUT_LAYER)
 FILL_RULE = ("new padding rows start as copies of the checkpoint's padding rows, "
              "with their AdamW moments")
 
@@ -71,10 +73,6 @@ def saved_vocab_size(path: str, meta: dict[str, Any], tokenizer_vocab: int | Non
 
 def _param(section: str, key: str) -> str:
     return key.rsplit(".", 1)[0] if section == "optimizer" else key
-
-
-def _local(t: Any) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class VocabRowLoad:

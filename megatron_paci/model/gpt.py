@@ -35,6 +35,7 @@ from megatron_paci.tensor_parallel import (
 )
 
 WORD_EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int = 1) -> int:
@@ -159,7 +160,7 @@ class GPTModel(nn.Module):
                 if name.endswith(OUTPUT_PROJECTIONS):
                     std = output_projection_std(self.cfg)
                 # A tied head's copy on another stage starts equal to the embedding.
-                key = WORD_EMBEDDING if (name == "output_layer.weight"
+                key = WORD_EMBEDDING if (name == OUTPUT_LAYER
                                          and self.cfg.tie_embeddings) else name
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
                 full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std,
