@@ -48,6 +48,7 @@ from megatron_paci.checkpoint.vocab_rows import (
     FILL_RULE,
     VOCAB_PARAMS,
     VocabRowLoad,
+    param_of,
     saved_vocab_size,
 )
 
@@ -253,7 +254,7 @@ class TrainingCheckpoint:
         everywhere = _union_over_ranks(consumed)
         dropped = rule.dropped()
         left = [k for k in sorted(saved) if k.split(".", 1)[0] in ("model", "optimizer")
-                and k not in everywhere and _param_of(k) not in dropped]
+                and k not in everywhere and param_of(k) not in dropped]
         if left:
             shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
             raise CheckpointError(
@@ -261,8 +262,8 @@ class TrainingCheckpoint:
                 "of a checkpoint is loaded or refused (compare model.* with the "
                 "checkpoint's config.yaml)")
         for key in sorted(saved):
-            if key.split(".", 1)[0] == "model" and _param_of(key) in dropped and \
-                    f"model.{_param_of(key)}" not in everywhere:
+            if key.split(".", 1)[0] == "model" and param_of(key) in dropped and \
+                    f"model.{param_of(key)}" not in everywhere:
                 self.log(f"checkpoint: {key} is not loaded ({_why_dropped(rule)})")
                 break
         load_checkpoint(path, tree)
@@ -351,11 +352,6 @@ class TrainingCheckpoint:
                 "checkpoint.untied_head=use_embedding or checkpoint.untied_head=use_head")
         self.log(f"checkpoint: {path}'s untied head equals its embedding; tying them "
                  "loses nothing")
-
-
-def _param_of(key: str) -> str:
-    section, _, rest = key.partition(".")
-    return rest.rsplit(".", 1)[0] if section == "optimizer" else rest
 
 
 def _why_dropped(rule: HeadRule) -> str:

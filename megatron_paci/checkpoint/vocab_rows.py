@@ -71,8 +71,10 @@ def saved_vocab_size(path: str, meta: dict[str, Any], tokenizer_vocab: int | Non
     return tokenizer_vocab
 
 
-def _param(section: str, key: str) -> str:
-    return key.rsplit(".", 1)[0] if section == "optimizer" else key
+def param_of(key: str) -> str:
+    """The parameter a checkpoint key ``<section>.<name>[.<state>]`` belongs to."""
+    section, _, rest = key.partition(".")
+    return rest.rsplit(".", 1)[0] if section == "optimizer" else rest
 
 
 class VocabRowLoad:
@@ -90,7 +92,7 @@ class VocabRowLoad:
             targets = tree.get(section) or {}
             for key, t in list(targets.items()):
                 shape = saved.get(f"{section}.{key}")
-                if shape is None or _param(section, key) not in VOCAB_PARAMS:
+                if shape is None or param_of(f"{section}.{key}") not in VOCAB_PARAMS:
                     continue
                 new = tuple(t.shape)
                 if shape == new or len(shape) != len(new) or not new or shape[1:] != new[1:]:
