@@ -627,7 +627,7 @@ PROJECT_ROWS = [
     ("    grad hooks (bf16 params or dp > 1 only)", "optim/grad_sync.py", "_on_grad_ready"),
     ("  data loading (DataLoader.__next__)", "utils/data/dataloader.py", "__next__"),
     ("  receive, incl. waiting for the peer (_recv)", "pipeline/executor.py", "_recv"),
-    ("  held/pending sends (_post_held)", "pipeline/executor.py", "_post_held"),
+    ("  sends (_send)", "pipeline/executor.py", "_send"),
     ("  pending-send bookkeeping (_keep_until_sent)", "pipeline/executor.py",
      "_keep_until_sent"),
     ("  flush barrier (comm.barrier)", "parallel/comm.py", "barrier"),

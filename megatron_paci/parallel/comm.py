@@ -181,35 +181,29 @@ def reduce_scatter(t: torch.Tensor, group, kind: str, dim: int = 0,
     return out
 
 
-# When a list, every point-to-point call appends its ops, [("send" | "recv", peer), ...]:
-# tests check the calls a run made against NCCL's blocking rules.
+# When a list, every point-to-point call appends its ops, [("send" | "recv", peer)]:
+# tests check the calls a run made against NCCL's blocking rules (pipeline/nccl_model.py).
 P2P_CALLS: list[list[tuple[str, int]]] | None = None
 
 
-def p2p(sends: list[tuple[torch.Tensor, int]], recv: tuple[torch.Tensor, int] | None = None,
-        kind: str = "pp") -> tuple[list, Any]:
-    """Post ``sends`` (tensor, peer) and at most one receive (buffer, peer) as one batched
-    call, so NCCL progresses them together. Returns (the works to wait on before the
-    sent tensors may go, the work to wait on for the receive or None).
+def send(t: torch.Tensor, peer: int, group: Any, kind: str = "pp") -> Any:
+    """Post a send of ``t`` to global rank ``peer`` on ``group``; returns the work. The
+    caller keeps ``t`` alive until the work completes.
 
-    NCCL's send and receive block their stream until the peer's matching call runs: a
-    stage that sends to a neighbour and then receives from it, while the neighbour does
-    the same the other way round, deadlocks unless both pairs are posted together (what
-    Megatron's send_forward_recv_backward does). The caller keeps the sent tensors alive
-    until the works complete. gloo gives one work per op and waits on a receive's work
-    once only; NCCL gives one work for the whole call, which may be waited on again.
-    """
-    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
-    for t, _ in sends:
-        STATS.add(kind, _nbytes(t))
-    if recv is not None:
-        ops.append(dist.P2POp(dist.irecv, recv[0], recv[1]))
+    NCCL blocks a communicator's stream on each send and receive until the peer's
+    matching op runs, and keeps one communicator per pair of ranks per group. The
+    pipeline therefore sends each direction between two stages on a group of its own
+    (``ParallelState.p2p_group``): a stage's send to a neighbour never queues behind its
+    receive from that neighbour, and ops are posted one at a time."""
+    STATS.add(kind, _nbytes(t))
     if P2P_CALLS is not None:
-        P2P_CALLS.append([("send", peer) for _, peer in sends]
-                         + ([("recv", recv[1])] if recv is not None else []))
-    works = dist.batch_isend_irecv(ops) if ops else []
-    if recv is None:
-        return works, None
-    if len(works) == len(ops):  # one work per op, the receive's last
-        return works[:-1], works[-1]
-    return (works if sends else []), works[-1]
+        P2P_CALLS.append([("send", peer)])
+    return dist.isend(t, peer, group=group)
+
+
+def recv(buf: torch.Tensor, peer: int, group: Any, kind: str = "pp") -> Any:
+    """Post a receive into ``buf`` from global rank ``peer`` on ``group``; returns the
+    work (see ``send``)."""
+    if P2P_CALLS is not None:
+        P2P_CALLS.append([("recv", peer)])
+    return dist.irecv(buf, peer, group=group)

@@ -47,6 +47,9 @@ class ParallelState:
     # First and last pipeline stage of this (tp, dp) position, for tied embeddings.
     embedding_group: object | None = field(default=None, compare=False, repr=False)
     pipeline_ranks: tuple[int, ...] = (0,)
+    # Point-to-point between pipeline stages: (to a higher rank, to a lower rank).
+    p2p_groups: tuple[object, object] | None = field(default=None, compare=False,
+                                                     repr=False)
 
     @property
     def is_logging_rank(self) -> bool:
@@ -65,6 +68,19 @@ class ParallelState:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def p2p_group(self, src: int, dst: int) -> object | None:
+        """The group a pipeline message from global rank ``src`` to ``dst`` travels on.
+
+        NCCL runs one communicator, on one stream, per pair of ranks per group, and each
+        send or receive holds that stream until its peer's op runs. With both directions
+        between two stages on one group, a stage's send to a neighbour could queue behind
+        its receive from that neighbour (interleaved 1F1B deadlocks so). One group per
+        direction gives every directed edge its own stream, FIFO at both ends: what the
+        schedule validator checks the messages against (pipeline/nccl_model.py)."""
+        if self.p2p_groups is None:
+            return None
+        return self.p2p_groups[0 if src < dst else 1]
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -160,9 +176,7 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
     # Heartbeats in the rendezvous store: a failed operation can then name the rank
     # that died or froze (liveness.py).
     liveness.start(rank, world, timeout_s)
-    # NCCL: a batched point-to-point call must not be the first collective on its group
-    # (torch.distributed.batch_isend_irecv's note), and the pipeline's use the default
-    # group: every rank meets here once first.
+    # Every rank meets here once before the groups are made.
     dist.barrier()
     tp_rank, dp_rank, pp_rank = rank_coordinates(rank, tensor, data)
     # Every group waits parallel.timeout_s for a peer (new_group's own default is 30 min).
@@ -187,9 +201,14 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
             g = dist.new_group(ranks, timeout=timeout)
             emb_ranks = sorted({ranks[0], ranks[-1]})
             e = dist.new_group(emb_ranks, timeout=timeout)
+            up = dist.new_group(ranks, timeout=timeout)
+            down = dist.new_group(ranks, timeout=timeout)
             if (tp_i, dp_i) == (tp_rank, dp_rank):
                 groups["pipeline"], groups["embedding"] = g, e
+                groups["up"], groups["down"] = up, down
                 pipeline_ranks = tuple(ranks)
+    if pipeline > 1:
+        _open_p2p(rank, pipeline_ranks, (groups["up"], groups["down"]))
     return ParallelState(
         rank=rank, world_size=world, local_rank=local_rank,
         tensor_rank=tp_rank, tensor_size=tensor,
@@ -200,7 +219,40 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
         data_group=groups["data"] if data > 1 else None,
         embedding_group=groups["embedding"] if pipeline > 1 else None,
         pipeline_ranks=pipeline_ranks,
+        p2p_groups=(groups["up"], groups["down"]) if pipeline > 1 else None,
     )
+
+
+def neighbour_edges(ranks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Every directed edge a pipeline over ``ranks`` may send on (to the next and the
+    previous stage, and between the last and the first for virtual stages), each once,
+    in one order every rank computes alike."""
+    n = len(ranks)
+    pairs = sorted({tuple(sorted((ranks[i], ranks[(i + 1) % n]))) for i in range(n)})
+    return [edge for lo, hi in pairs for edge in ((lo, hi), (hi, lo))]
+
+
+def _open_p2p(rank: int, ranks: tuple[int, ...], p2p_groups: tuple[object, object]) -> None:
+    """Exchange one message on every edge, in ``neighbour_edges``' order, before training.
+
+    NCCL makes a pair's communicator at its first message, and making it blocks both
+    hosts until both arrive: left to the schedule, one stage could wait to make the
+    communicator of one edge while its neighbour waits on another's. Taken in one order
+    that every rank follows, each edge's two ranks have finished all earlier edges, so
+    none waits on a rank that waits on it."""
+    nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    buf = torch.zeros(1, device=device)
+    for src, dst in neighbour_edges(ranks):
+        if rank not in (src, dst):
+            continue
+        group = p2p_groups[0 if src < dst else 1]
+        if rank == src:
+            dist.isend(buf, dst, group=group).wait()
+        else:
+            dist.irecv(buf, src, group=group).wait()
+    if nccl:
+        torch.cuda.synchronize()
 
 
 def shutdown() -> None:

@@ -3,7 +3,7 @@
 The list (schedules.py) says what to do and in which order; the weight-version
 policy (versions.py) says which weights each forward and backward sees. The
 executor moves activations forward and gradients backward between
-neighbouring stages with batched isend/irecv, accumulates gradients, applies
+neighbouring stages with isend/irecv, accumulates gradients, applies
 STEPs, and records for every micro-batch the versions it saw and when each
 action ran. Nothing here knows a schedule's name: it asks the spec (registry.py)
 whether a STEP is global or local.
@@ -14,11 +14,12 @@ u-1 and sends to u+1, a backward the other way, so rank P-1 sends to rank 0 betw
 chunks. Messages carry no tags: the schedule validator (validate.py) checks before
 the run that between every pair of ranks they are received in the order sent.
 
-A send is held until the next action and posted in one call with that action's
-receive when it comes from the same peer, else alone: NCCL blocks a stream on each send and receive
-until the peer's matching op runs, and 1F1B's steady state would deadlock with
-each posted alone (comm.p2p). Sends complete asynchronously; their tensors are
-kept until they do, at most 2P of them.
+Each send and receive is posted alone, as soon as the action produces or needs it,
+on the group of its direction (``ParallelState.p2p_group``): NCCL blocks a stream on
+each op until the peer's matching op runs, and with one stream per directed edge
+nothing queues behind an op going the other way (pipeline/nccl_model.py replays
+the calls under those rules). Sends complete asynchronously; their tensors are kept
+until they do, at most 2P of them.
 
 Nothing is read back to the host per micro-batch: losses stay on the device
 until the STEP, and action times are marks (clock.py) read as they complete.
@@ -141,7 +142,6 @@ class PipelineExecutor:
         self.ranks = pstate.pipeline_ranks
         self.telemetry = Telemetry(stage=self.stage)
         self._pending_sends: list[tuple[Any, torch.Tensor, int]] = []  # (work, tensor, peer)
-        self._held: tuple[torch.Tensor, int] | None = None  # a send not posted yet
         self.clock = clock_for(device)
         self._t0 = self.clock.mark()
         self._segment_start: Any = None
@@ -157,17 +157,15 @@ class PipelineExecutor:
     # --- point-to-point ------------------------------------------------------
 
     def _send(self, tensor: torch.Tensor, peer: int) -> None:
-        """Hold the send for the next action: posted in one call with that action's
-        receive when it comes from the same peer (NCCL deadlocks otherwise, see
-        comm.p2p), else alone before the action starts (``_post_held``)."""
         # The wire format is fp32 (the agreed buffer dtype); the converted tensor is
         # what must stay alive until the send completes.
         tensor = tensor.detach().float().contiguous()
         if tensor.shape != self.shape:
             raise PipelineError(f"stage {self.stage}: sending shape {tuple(tensor.shape)}, "
                                 f"expected the agreed {self.shape}")
-        self._post_held()
-        self._held = (tensor, peer)
+        me = self.pstate.rank
+        work = comm.send(tensor, peer, self.pstate.p2p_group(me, peer), "pp")
+        self._keep_until_sent(work, tensor, peer)
 
     # --- virtual stages ------------------------------------------------------
 
@@ -198,23 +196,10 @@ class PipelineExecutor:
         step = {"F": 1, "B": -1}.get(action.kind)
         return None if step is None else self._rank_of(self._virtual(action.chunk) + step)
 
-    def _post_held(self, unless_peer: int | None = None) -> None:
-        """Post the held send alone, unless it goes to ``unless_peer`` (then the coming
-        receive from that peer takes it along)."""
-        if self._held is None or (unless_peer is not None and self._held[1] == unless_peer):
-            return
-        held, self._held = self._held, None
-        works, _ = comm.p2p([held], None, "pp")
-        self._keep_until_sent(works, [held])
-
     def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        self._post_held(unless_peer=peer)
-        sends = [self._held] if self._held is not None else []
-        self._held = None
         try:
-            send_works, recv_work = comm.p2p(sends, (buf, peer), "pp")
-            recv_work.wait()
+            comm.recv(buf, peer, self.pstate.p2p_group(peer, self.pstate.rank), "pp").wait()
         except Exception as e:  # gloo: peer closed or timed out
             peer_stage = self.ranks.index(peer)
             first = comm.short_error(e)
@@ -223,10 +208,9 @@ class PipelineExecutor:
                 f"stage {self.stage} (rank {self.pstate.rank}) was running {action} and waiting "
                 f"for {what} from stage {peer_stage} (rank {peer}): {first}"
                 + (f"; {peers}" if peers else "")) from e
-        self._keep_until_sent(send_works, sends)
         return buf
 
-    def _keep_until_sent(self, works: list, sends: list[tuple[torch.Tensor, int]]) -> None:
+    def _keep_until_sent(self, work: Any, tensor: torch.Tensor, peer: int) -> None:
         """Hold the sent tensors until their sends complete, and no more than 2P of them.
 
         Under PACI and 2BW a segment can run thousands of actions before its drain;
@@ -236,15 +220,15 @@ class PipelineExecutor:
         before that one. On NCCL a wait only orders streams.
         """
         unfinished = []
-        for work, tensor, peer in self._pending_sends:
-            if work.is_completed():
-                self._wait_send(work, peer)  # returns at once; raises if the send failed
+        for pending in self._pending_sends:
+            if pending[0].is_completed():
+                self._wait_send(pending[0], pending[2])  # at once; raises if it failed
             else:
-                unfinished.append((work, tensor, peer))
-        unfinished.extend((w, t, peer) for w in works for t, peer in sends)
+                unfinished.append(pending)
+        unfinished.append((work, tensor, peer))
         while len(unfinished) > 2 * self.stages:
-            work, _, peer = unfinished.pop(0)
-            self._wait_send(work, peer)
+            oldest, _, to = unfinished.pop(0)
+            self._wait_send(oldest, to)
         self._pending_sends = unfinished
         self.telemetry.peak_unfinished_sends = max(self.telemetry.peak_unfinished_sends,
                                                    len(self._pending_sends))
@@ -260,7 +244,6 @@ class PipelineExecutor:
                 + (f"; {peers}" if peers else "")) from e
 
     def _drain_sends(self) -> None:
-        self._post_held()
         for work, _, peer in self._pending_sends:
             self._wait_send(work, peer)
         self._pending_sends.clear()
@@ -418,7 +401,6 @@ class PipelineExecutor:
         self._segment_start = self._last_end = self.clock.mark()
         for action in actions:
             liveness.set_operation(action)
-            self._post_held(unless_peer=self._recv_peer(action))
             if action.kind == "F":
                 self._forward(action, batches, in_flight, losses, scale)
             elif action.kind == "B":
@@ -456,7 +438,6 @@ class PipelineExecutor:
         for j in range(1, num_microbatches + 1):
             for chunk in range(self.chunks):
                 action = Action("F", j, chunk)
-                self._post_held(unless_peer=self._recv_peer(action))
                 inputs = self._inputs(action, batches, "eval activations")
                 with self.autocast():
                     out = self.model(**inputs)

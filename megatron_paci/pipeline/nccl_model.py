@@ -7,14 +7,23 @@ posted together: what ``comm.P2P_CALLS`` records in a real run, or what
 conservatively:
 
 - a send or a receive blocks until the peer's matching op runs (no eager buffering);
-- the ops of one call (one ``batch_isend_irecv``) start together and each completes
-  once its peer's op runs; the call is done when all are;
-- a rank's calls touching the same peer run in the order posted (one stream per pair):
-  a call starts once the earlier ones are done;
+- the ops of one call start together and each completes once its peer's op runs; the
+  call is done when all are;
+- a rank's calls on the same stream run in the order posted: a call starts once the
+  earlier ones are done. NCCL has one stream per pair of ranks per group; the executor
+  sends each direction on a group of its own (``ParallelState.p2p_group``), so a stream
+  is a (peer, send or receive). ``per_direction=False`` models both directions on one
+  group (one stream per peer);
 - a call waits for every earlier call of its rank that received something: what it
   sends was computed after those receives, on an in-order compute stream.
 
 The k-th send from rank a to rank b matches the k-th receive at b from a.
+
+What it found (tests/unit/test_nccl_p2p_model.py): on one stream per peer, 1F1B
+deadlocks with each op posted alone, and interleaved 1F1B deadlocks even with each
+send posted together with the next receive from its peer (Megatron's
+send_forward_recv_backward); on one stream per direction every registered schedule
+completes with each op posted alone.
 """
 
 from __future__ import annotations
@@ -28,43 +37,32 @@ Call = list[tuple[str, int]]
 
 def executor_calls(lists: Sequence[Sequence[Action]], chunks: int) -> dict[int, list[Call]]:
     """The point-to-point calls the executor makes for these per-rank lists (ranks
-    0..P-1), by its rule: a send is held until the next action, posted with that
-    action's receive when it comes from the same peer, else alone before it; a STEP
-    and the end of the list post it alone. The distributed tests check this
-    against the calls real runs record."""
+    0..P-1), by its rule: an action's receive is posted alone before it runs, its send
+    alone after. The distributed tests check this against the calls real runs record."""
     stages = len(lists)
     last = stages * chunks - 1
     out: dict[int, list[Call]] = {}
     for rank, actions in enumerate(lists):
         calls: list[Call] = []
-        held: int | None = None
         for a in actions:
             u = a.chunk * stages + rank
             side = a.spec.receives_from
-            src = None
             if side is not None:
                 v = u - 1 if side == "prev" else u + 1
-                src = v % stages if 0 <= v <= last else None
-            if held is not None and src != held:
-                calls.append([("send", held)])
-                held = None
-            if src is not None:
-                calls.append(([("send", held)] if held is not None else []) + [("recv", src)])
-                held = None
+                if 0 <= v <= last:
+                    calls.append([("recv", v % stages)])
             dst = {"F": u + 1, "B": u - 1}.get(a.kind)
             if dst is not None and 0 <= dst <= last:
-                held = dst % stages
-        if held is not None:
-            calls.append([("send", held)])
+                calls.append([("send", dst % stages)])
         out[rank] = calls
     return out
 
 
-def stuck_calls(calls: dict[int, list[Call]]) -> str | None:
+def stuck_calls(calls: dict[int, list[Call]], per_direction: bool = True) -> str | None:
     """None if every call completes; else what each rank is stuck on.
 
     Event-driven and linear in the calls: a call depends only on the previous call of
-    its rank sharing each of its peers and on its rank's previous receiving call (those
+    its rank on each of its streams and on its rank's previous receiving call (those
     started only once everything earlier they depend on was done)."""
     side: dict[tuple[tuple[int, int, int], str], tuple[int, int]] = {}  # (msg, kind) -> call
     ops: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
@@ -72,7 +70,7 @@ def stuck_calls(calls: dict[int, list[Call]]) -> str | None:
     for rank, rank_calls in calls.items():
         sent: dict[int, int] = {}
         got: dict[int, int] = {}
-        last_with: dict[int, int] = {}
+        last_with: dict[tuple[int, str], int] = {}
         last_recv: int | None = None
         for i, call in enumerate(rank_calls):
             ids = []
@@ -84,12 +82,13 @@ def stuck_calls(calls: dict[int, list[Call]]) -> str | None:
                 ids.append(msg)
                 side[(msg, kind)] = (rank, i)
             ops[(rank, i)] = ids
-            need = {(rank, last_with[p]) for _, p in call if p in last_with}
+            streams = [(p, kind if per_direction else "") for kind, p in call]
+            need = {(rank, last_with[st]) for st in streams if st in last_with}
             if last_recv is not None:
                 need.add((rank, last_recv))
             deps[(rank, i)] = need
-            for _, p in call:
-                last_with[p] = i
+            for st in streams:
+                last_with[st] = i
             if any(kind == "recv" for kind, _ in call):
                 last_recv = i
     for (msg, kind), (rank, i) in sorted(side.items(), key=lambda kv: kv[1]):

@@ -3,7 +3,7 @@
 P=2 and P=4, and P=2 with tp=2 or dp=2: the losses of 10 windows agree with
 the emulator to 1e-5 relative in fp32, for 1F1B-flush, PipeDream-2BW and
 PACI; 1F1B-flush also equals plain one-process training. Every run's point-to-point
-calls, replayed under NCCL's blocking rules (nccl_p2p_model.py), complete.
+calls, replayed under NCCL's blocking rules (pipeline/nccl_model.py), complete.
 """
 
 import os
