@@ -207,3 +207,11 @@ def recv(buf: torch.Tensor, peer: int, group: Any, kind: str = "pp") -> Any:
     if P2P_CALLS is not None:
         P2P_CALLS.append([("recv", peer)])
     return dist.irecv(buf, peer, group=group)
+
+
+def wait_recv(work: Any, peer: int) -> None:
+    """Wait for the oldest receive not yet waited for from ``peer`` (posted by ``recv``):
+    on NCCL the compute stream waits, on gloo the host. Recorded as ("wait", peer)."""
+    if P2P_CALLS is not None:
+        P2P_CALLS.append([("wait", peer)])
+    work.wait()

@@ -14,12 +14,13 @@ u-1 and sends to u+1, a backward the other way, so rank P-1 sends to rank 0 betw
 chunks. Messages carry no tags: the schedule validator (validate.py) checks before
 the run that between every pair of ranks they are received in the order sent.
 
-Each send and receive is posted alone, as soon as the action produces or needs it,
-on the group of its direction (``ParallelState.p2p_group``): NCCL blocks a stream on
-each op until the peer's matching op runs, and with one stream per directed edge
-nothing queues behind an op going the other way (pipeline/nccl_model.py replays
-the calls under those rules). Sends complete asynchronously; their tensors are kept
-until they do, at most 2P of them.
+Each send and receive is posted alone, a send as soon as its action has produced
+it, a receive ahead of the action that needs it (receives.py), each on the group of
+its direction (``ParallelState.p2p_group``): NCCL blocks a stream on each op until
+the peer's matching op runs, and with one stream per directed edge nothing queues
+behind an op going the other way (pipeline/nccl_model.py replays the calls under
+those rules). Sends complete asynchronously; their tensors are kept until they do,
+at most 2P of them.
 
 Nothing is read back to the host per micro-batch: losses stay on the device
 until the STEP, and action times are marks (clock.py) read as they complete.
@@ -41,6 +42,7 @@ from megatron_paci.parallel import comm, liveness
 from megatron_paci.parallel.state import ParallelState
 from megatron_paci.pipeline.actions import Action
 from megatron_paci.pipeline.clock import clock_for
+from megatron_paci.pipeline.receives import receive_plan
 from megatron_paci.pipeline.registry import ScheduleSpec
 
 # (iteration, the window's mean loss as a 0-d tensor on the device or None off the last
@@ -142,6 +144,9 @@ class PipelineExecutor:
         self.ranks = pstate.pipeline_ranks
         self.telemetry = Telemetry(stage=self.stage)
         self._pending_sends: list[tuple[Any, torch.Tensor, int]] = []  # (work, tensor, peer)
+        # Receives posted ahead (receives.py): list position -> (buffer, work).
+        self._posted: dict[int, tuple[torch.Tensor, Any]] = {}
+        self._pos: int | None = None  # the running action's position in its list
         self.clock = clock_for(device)
         self._t0 = self.clock.mark()
         self._segment_start: Any = None
@@ -196,10 +201,15 @@ class PipelineExecutor:
         step = {"F": 1, "B": -1}.get(action.kind)
         return None if step is None else self._rank_of(self._virtual(action.chunk) + step)
 
-    def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
+    def _post_recv(self, peer: int) -> tuple[torch.Tensor, Any]:
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        return buf, comm.recv(buf, peer, self.pstate.p2p_group(peer, self.pstate.rank), "pp")
+
+    def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
         try:
-            comm.recv(buf, peer, self.pstate.p2p_group(peer, self.pstate.rank), "pp").wait()
+            posted = self._posted.pop(self._pos, None) if self._pos is not None else None
+            buf, work = posted if posted is not None else self._post_recv(peer)
+            comm.wait_recv(work, peer)
         except Exception as e:  # gloo: peer closed or timed out
             peer_stage = self.ranks.index(peer)
             first = comm.short_error(e)
@@ -399,8 +409,13 @@ class PipelineExecutor:
         scale = 1.0 / self.window
         self.optimizer.zero_grad()
         self._segment_start = self._last_end = self.clock.mark()
-        for action in actions:
+        peers = [self._recv_peer(a) for a in actions]
+        plan = receive_plan(peers)
+        for pos, action in enumerate(actions):
             liveness.set_operation(action)
+            for i in plan[pos]:
+                self._posted[i] = self._post_recv(peers[i])
+            self._pos = pos
             if action.kind == "F":
                 self._forward(action, batches, in_flight, losses, scale)
             elif action.kind == "B":
@@ -420,6 +435,8 @@ class PipelineExecutor:
                 on_step(k, loss, norm, skipped)
             else:
                 raise PipelineError(f"stage {self.stage}: no handler for action {action}")
+        self._pos = None
+        assert not self._posted, f"stage {self.stage}: receives left posted {self._posted}"
         self._drain_sends()
         end = self.clock.mark()
         self.clock.wait(end)

@@ -2,7 +2,7 @@
 
 gloo buffers sends, so a call order that deadlocks NCCL runs fine on a CPU. This
 replays the calls each rank makes (a call is the list of ("send" | "recv", peer) ops
-posted together: what ``comm.P2P_CALLS`` records in a real run, or what
+posted together, or a ("wait", peer) entry: what ``comm.P2P_CALLS`` records in a real run, or what
 ``executor_calls`` derives from the action lists before one) under NCCL's rules, taken
 conservatively:
 
@@ -14,8 +14,11 @@ conservatively:
   sends each direction on a group of its own (``ParallelState.p2p_group``), so a stream
   is a (peer, send or receive). ``per_direction=False`` models both directions on one
   group (one stream per peer);
-- a call waits for every earlier call of its rank that received something: what it
-  sends was computed after those receives, on an in-order compute stream.
+- a ("wait", peer) entry is where the rank's compute first needs its oldest receive
+  from that peer not yet waited for: it is done once that receive is. A call waits
+  for every earlier wait of its rank: what it sends was computed after those
+  receives, on an in-order compute stream (and NCCL starts a receive too only after
+  the compute queued before it, to protect its buffer).
 
 The k-th send from rank a to rank b matches the k-th receive at b from a.
 
@@ -31,26 +34,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from megatron_paci.pipeline.actions import Action
+from megatron_paci.pipeline.receives import receive_plan
 
 Call = list[tuple[str, int]]
 
 
 def executor_calls(lists: Sequence[Sequence[Action]], chunks: int) -> dict[int, list[Call]]:
     """The point-to-point calls the executor makes for these per-rank lists (ranks
-    0..P-1), by its rule: an action's receive is posted alone before it runs, its send
-    alone after. The distributed tests check this against the calls real runs record."""
+    0..P-1), by its rule: receives are posted ahead by ``receive_plan``, each alone;
+    an action waits for its receive, runs, and posts its send alone. The distributed
+    tests check this against the calls real runs record."""
     stages = len(lists)
     last = stages * chunks - 1
     out: dict[int, list[Call]] = {}
     for rank, actions in enumerate(lists):
-        calls: list[Call] = []
+        peers: list[int | None] = []
         for a in actions:
             u = a.chunk * stages + rank
-            side = a.spec.receives_from
-            if side is not None:
-                v = u - 1 if side == "prev" else u + 1
-                if 0 <= v <= last:
-                    calls.append([("recv", v % stages)])
+            v = {"prev": u - 1, "next": u + 1}.get(a.spec.receives_from)
+            peers.append(v % stages if v is not None and 0 <= v <= last else None)
+        calls: list[Call] = []
+        for a, peer, posts in zip(actions, peers, receive_plan(peers), strict=True):
+            calls += [[("recv", peers[i])] for i in posts]
+            if peer is not None:
+                calls.append([("wait", peer)])
+            u = a.chunk * stages + rank
             dst = {"F": u + 1, "B": u - 1}.get(a.kind)
             if dst is not None and 0 <= dst <= last:
                 calls.append([("send", dst % stages)])
@@ -62,8 +70,9 @@ def stuck_calls(calls: dict[int, list[Call]], per_direction: bool = True) -> str
     """None if every call completes; else what each rank is stuck on.
 
     Event-driven and linear in the calls: a call depends only on the previous call of
-    its rank on each of its streams and on its rank's previous receiving call (those
-    started only once everything earlier they depend on was done)."""
+    its rank on each of its streams and on its rank's previous wait; a wait on its
+    receive and the previous wait (those started only once everything earlier they
+    depend on was done)."""
     side: dict[tuple[tuple[int, int, int], str], tuple[int, int]] = {}  # (msg, kind) -> call
     ops: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     deps: dict[tuple[int, int], set[tuple[int, int]]] = {}
@@ -71,8 +80,22 @@ def stuck_calls(calls: dict[int, list[Call]], per_direction: bool = True) -> str
         sent: dict[int, int] = {}
         got: dict[int, int] = {}
         last_with: dict[tuple[int, str], int] = {}
-        last_recv: int | None = None
+        last_wait: int | None = None
+        recv_calls: dict[int, list[int]] = {}  # peer -> the calls posting its receives
+        waited: dict[int, int] = {}
         for i, call in enumerate(rank_calls):
+            if call and call[0][0] == "wait":  # compute needs the next receive from peer
+                peer = call[0][1]
+                k = waited.get(peer, 0)
+                waited[peer] = k + 1
+                if k >= len(recv_calls.get(peer, [])):
+                    return (f"rank {rank} call {i}: waits for receive {k} from rank {peer}, "
+                            "which was not posted")
+                ops[(rank, i)] = []
+                deps[(rank, i)] = {(rank, recv_calls[peer][k])} | (
+                    {(rank, last_wait)} if last_wait is not None else set())
+                last_wait = i
+                continue
             ids = []
             for kind, peer in call:
                 count = sent if kind == "send" else got
@@ -81,16 +104,16 @@ def stuck_calls(calls: dict[int, list[Call]], per_direction: bool = True) -> str
                 msg = (rank, peer, k) if kind == "send" else (peer, rank, k)
                 ids.append(msg)
                 side[(msg, kind)] = (rank, i)
+                if kind == "recv":
+                    recv_calls.setdefault(peer, []).append(i)
             ops[(rank, i)] = ids
             streams = [(p, kind if per_direction else "") for kind, p in call]
             need = {(rank, last_with[st]) for st in streams if st in last_with}
-            if last_recv is not None:
-                need.add((rank, last_recv))
+            if last_wait is not None:
+                need.add((rank, last_wait))
             deps[(rank, i)] = need
             for st in streams:
                 last_with[st] = i
-            if any(kind == "recv" for kind, _ in call):
-                last_recv = i
     for (msg, kind), (rank, i) in sorted(side.items(), key=lambda kv: kv[1]):
         if (msg, "recv" if kind == "send" else "send") not in side:
             src, dst, _ = msg
