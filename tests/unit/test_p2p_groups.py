@@ -1,3 +1,5 @@
+"""The pipeline's two point-to-point groups give every directed edge its own NCCL
+communicator (parallel/state.py)."""
 
 
 def test_each_directed_pipeline_edge_has_a_communicator_of_its_own():
