@@ -207,9 +207,7 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
                 groups["pipeline"], groups["embedding"] = g, e
                 groups["up"], groups["down"] = up, down
                 pipeline_ranks = tuple(ranks)
-    if pipeline > 1:
-        _open_p2p(rank, pipeline_ranks, (groups["up"], groups["down"]))
-    return ParallelState(
+    state = ParallelState(
         rank=rank, world_size=world, local_rank=local_rank,
         tensor_rank=tp_rank, tensor_size=tensor,
         pipeline_rank=pp_rank, pipeline_size=pipeline,
@@ -221,6 +219,9 @@ def initialize(tensor: int, pipeline: int, timeout_s: float = 600.0,
         pipeline_ranks=pipeline_ranks,
         p2p_groups=(groups["up"], groups["down"]) if pipeline > 1 else None,
     )
+    if pipeline > 1:
+        _open_p2p(state)
+    return state
 
 
 def neighbour_edges(ranks: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -232,7 +233,7 @@ def neighbour_edges(ranks: tuple[int, ...]) -> list[tuple[int, int]]:
     return [edge for lo, hi in pairs for edge in ((lo, hi), (hi, lo))]
 
 
-def _open_p2p(rank: int, ranks: tuple[int, ...], p2p_groups: tuple[object, object]) -> None:
+def _open_p2p(state: ParallelState) -> None:
     """Exchange one message on every edge, in ``neighbour_edges``' order, before training.
 
     NCCL makes a pair's communicator at its first message, and making it blocks both
@@ -243,10 +244,11 @@ def _open_p2p(rank: int, ranks: tuple[int, ...], p2p_groups: tuple[object, objec
     nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     buf = torch.zeros(1, device=device)
-    for src, dst in neighbour_edges(ranks):
+    rank = state.rank
+    for src, dst in neighbour_edges(state.pipeline_ranks):
         if rank not in (src, dst):
             continue
-        group = p2p_groups[0 if src < dst else 1]
+        group = state.p2p_group(src, dst)
         if rank == src:
             dist.isend(buf, dst, group=group).wait()
         else:

@@ -48,20 +48,21 @@ def executor_calls(lists: Sequence[Sequence[Action]], chunks: int) -> dict[int, 
     last = stages * chunks - 1
     out: dict[int, list[Call]] = {}
     for rank, actions in enumerate(lists):
-        peers: list[int | None] = []
+        peers: list[int | None] = []  # the rank each action receives from, sends to
+        dsts: list[int | None] = []
         for a in actions:
             u = a.chunk * stages + rank
             v = {"prev": u - 1, "next": u + 1}.get(a.spec.receives_from)
             peers.append(v % stages if v is not None and 0 <= v <= last else None)
+            w = {"F": u + 1, "B": u - 1}.get(a.kind)
+            dsts.append(w % stages if w is not None and 0 <= w <= last else None)
         calls: list[Call] = []
-        for a, peer, posts in zip(actions, peers, receive_plan(peers), strict=True):
+        for peer, dst, posts in zip(peers, dsts, receive_plan(peers), strict=True):
             calls += [[("recv", peers[i])] for i in posts]
             if peer is not None:
                 calls.append([("wait", peer)])
-            u = a.chunk * stages + rank
-            dst = {"F": u + 1, "B": u - 1}.get(a.kind)
-            if dst is not None and 0 <= dst <= last:
-                calls.append([("send", dst % stages)])
+            if dst is not None:
+                calls.append([("send", dst)])
         out[rank] = calls
     return out
 

@@ -3,7 +3,7 @@
 A receive posted only when its action starts costs a round trip on gloo: the sender's
 data waits until the receiver asks for it, and on two busy cores each side's transport
 thread wakes late (measured: PACI at P=2 spent a quarter of its time in receives; with
-them posted ahead, 1.25x the tokens/s, docs/benchmarks.md). So before each action the
+them posted ahead, 1.14-1.15x the iterations/s, docs/benchmarks.md). So before each action the
 executor keeps the receives of the next ``RECEIVES_AHEAD`` receiving actions posted, in
 list order: on each directed edge receives are still posted in the order the messages
 are sent. On NCCL the host runs ahead of the device anyway; posting early only moves a
