@@ -33,6 +33,7 @@ from megatron_paci.pipeline.executor import PipelineError
 from megatron_paci.training.layout import validate_layout
 from megatron_paci.training.numerics import TrainingDiverged
 from megatron_paci.training.preemption import StopRequests
+from megatron_paci.utils.host_memory import keep_freed_host_memory
 
 
 def print_once(text: str) -> None:
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     # next agreed drain and exits with EXIT_REQUEUE (training/preemption.py).
     stops = StopRequests(cfg.train.exit_duration_mins)
     stops.install()
+    if cfg.train.device == "cpu":
+        # Freed activations stay in the heap instead of coming back as page faults
+        # (utils/host_memory.py).
+        keep_freed_host_memory()
     try:
         # CPU training on a GPU node stays on gloo: no GPU per process needed.
         pstate = initialize(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_s,

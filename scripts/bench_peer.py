@@ -282,6 +282,7 @@ class Config:
     chunks: int = 1
     does: str = ""
     overrides: tuple[str, ...] = ()  # --ab: config overrides of a project variant
+    heap: bool = False  # the peer with the project's glibc heap thresholds (heap_env)
 
 
 CONFIGS = [
@@ -295,8 +296,13 @@ CONFIGS = [
                 "computed), constant LR, logging.interval=1"),
     Config("project_1p_clip", "project", 1, "1f1b_flush", clip=True,
            does="project_1p with optim.clip_grad=1.0"),
+    Config("peer_plain_heap", "peer", 1, "plain", heap=True,
+           does="peer_plain with the heap thresholds the project sets on CPU runs "
+                "(MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_, utils/host_memory.py)"),
     Config("peer_gpipe", "peer", P, "gpipe", does="ScheduleGPipe, torchrun, gloo"),
     Config("peer_1f1b", "peer", P, "1f1b", does="Schedule1F1B, torchrun, gloo"),
+    Config("peer_1f1b_heap", "peer", P, "1f1b", heap=True,
+           does="peer_1f1b with the project's heap thresholds, as peer_plain_heap"),
     Config("peer_interleaved", "peer", P, "interleaved", chunks=2,
            does="ScheduleInterleaved1F1B, 2 stages of 1 layer per rank"),
     Config("project_flush", "project", P, "1f1b_flush",
@@ -318,6 +324,11 @@ RATIOS = [
     ("project_interleaved", "peer_interleaved", 1.0),
     ("project_paci", "project_flush", None),  # 0.95 of (M+1)/M
     ("peer_1f1b", "peer_gpipe", None),
+    # Against the peer given the project's heap thresholds: what is left once both
+    # sides allocate alike.
+    ("project_1p", "peer_plain_heap", None),
+    ("project_flush", "peer_1f1b_heap", None),
+    ("project_paci", "peer_1f1b_heap", None),
 ]
 
 
@@ -413,6 +424,17 @@ def project_overrides(c: Config, s: Shape, m: int, iters: int, data: str, run_di
     ]
 
 
+def heap_env(c: Config) -> dict[str, str]:
+    """glibc's thresholds as environment variables, for a peer process (the project sets
+    them itself on CPU runs, pretrain_gpt.py)."""
+    if not c.heap:
+        return {}
+    from megatron_paci.utils.host_memory import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+
+
 def command(c: Config, s: Shape, m: int, iters: int, data: str, run_dir: Path) -> list[str]:
     py = [sys.executable]
     launch = (py if c.procs == 1 else
@@ -434,7 +456,8 @@ def run_once(c: Config, s: Shape, m: int, rnd: int, args: argparse.Namespace, da
     run_dir = work / f"{s.name}_M{m}_{c.name}_{rnd}"
     run_dir.mkdir(parents=True)
     cmd = command(c, s, m, args.iters, data, run_dir)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               **heap_env(c))
     stamps: dict[int, float] = {}
     (busy0, kids0), t0 = cpu_seconds(), time.perf_counter()
     with open(run_dir / "stdout.log", "w") as log:
@@ -997,8 +1020,9 @@ def run_all(args: argparse.Namespace, work: Path, runs: list[Run]) -> str:
             for rnd in range(1, args.rounds + 1):
                 for c in configs:
                     if args.dry_run:
-                        print(" ".join(command(c, s, m, args.iters, data,
-                                               work / f"{shape}_M{m}_{c.name}_{rnd}")))
+                        print(" ".join([*(f"{k}={v}" for k, v in heap_env(c).items()),
+                                        *command(c, s, m, args.iters, data,
+                                                 work / f"{shape}_M{m}_{c.name}_{rnd}")]))
                         continue
                     try:
                         r = run_once(c, s, m, rnd, args, data, work)
