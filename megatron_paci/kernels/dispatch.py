@@ -132,6 +132,12 @@ class Choice:
     why: str
 
 
+# Backends whose bias_gelu / bias_dropout_add add the bias in the same pass over memory
+# as the rest of the op. The torch reference would add it as one more pass; there the
+# linear layer before it adds the bias inside its GEMM (addmm) instead.
+_FUSES_BIAS = frozenset({"triton"})
+
+
 class Kernels:
     """The chosen implementation of every op (attributes named after the ops)."""
 
@@ -139,6 +145,11 @@ class Kernels:
         self.choices = choices
         for op, fn in fns.items():
             setattr(self, op, fn)
+
+    def fuses_bias(self, op: str) -> bool:
+        """Whether the linear layer before ``op`` should leave its bias to ``op``
+        (``skip_bias_add``): true where ``op``'s kernel adds it for free."""
+        return self.choices[op].backend in _FUSES_BIAS
 
     def table(self) -> str:
         width = max(len(op) for op in OPS)

@@ -31,9 +31,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * weight.float()).to(x.dtype)
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GeLU (tanh approximation, as GPT-2 and Megatron use) of ``x + bias``."""
-    return F.gelu(x + bias, approximate="tanh")
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
 
 
 def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,

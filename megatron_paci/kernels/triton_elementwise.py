@@ -167,11 +167,14 @@ class _BiasGelu(torch.autograd.Function):
         return dx.view(ctx.x_shape), dbias.to(b.dtype)
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Tanh-approximate GeLU of ``x + bias`` (``x`` ``[..., n]``, ``bias`` ``[n]``).
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Tanh-approximate GeLU of ``x + bias`` (``x`` ``[..., n]``, ``bias`` ``[n]`` or
+    ``None``).
 
     Output has ``x``'s dtype; gradients flow to ``x`` and ``bias``.
     """
+    if bias is None:  # the same signature as every backend's; the model passes its bias
+        bias = x.new_zeros(x.shape[-1])
     return _BiasGelu.apply(x, bias)
 
 

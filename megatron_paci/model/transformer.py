@@ -127,6 +127,12 @@ def make_layer_norm(cfg: ModelConfig, ctx: LayerContext) -> LayerNorm:
     return LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, ctx)
 
 
+def skipped_bias(linear: nn.Module) -> torch.Tensor | None:
+    """The bias a ``skip_bias_add`` linear left for the next op to add (None if it added
+    its own)."""
+    return linear.bias if linear.skip_bias_add else None
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: LayerContext):
         super().__init__()
@@ -144,7 +150,7 @@ class SelfAttention(nn.Module):
                                         sequence_parallel=tp.sequence_parallel)
         self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, group=tp.group,
                                       sequence_parallel=tp.sequence_parallel,
-                                      skip_bias_add=True)
+                                      skip_bias_add=tp.kernels.fuses_bias("bias_dropout_add"))
 
     def forward(
         self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -179,16 +185,19 @@ class MLP(nn.Module):
             raise ValueError(f"FFN size {ffn_size(cfg)} is not divisible by "
                              f"parallel.tensor={tp.size}")
         self.kernels = tp.kernels
+        # Each bias goes where it costs no extra pass: into the fused op after the GEMM
+        # where the kernel adds it (Triton), into the GEMM itself otherwise (addmm).
         self.fc1 = ColumnParallelLinear(cfg.hidden_size, ffn_size(cfg), group=tp.group,
                                         sequence_parallel=tp.sequence_parallel,
-                                        skip_bias_add=True)
+                                        skip_bias_add=tp.kernels.fuses_bias("bias_gelu"))
         self.fc2 = RowParallelLinear(ffn_size(cfg), cfg.hidden_size, group=tp.group,
                                      sequence_parallel=tp.sequence_parallel,
-                                     skip_bias_add=True)
+                                     skip_bias_add=tp.kernels.fuses_bias("bias_dropout_add"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Output without fc2's bias: the caller fuses it with dropout and the residual."""
-        return self.fc2(self.kernels.bias_gelu(self.fc1(x), self.fc1.bias))
+        """Output without fc2's bias where fc2 skips it (the caller fuses it with dropout
+        and the residual: ``skipped_bias``)."""
+        return self.fc2(self.kernels.bias_gelu(self.fc1(x), skipped_bias(self.fc1)))
 
 
 class TransformerLayer(nn.Module):
@@ -229,8 +238,9 @@ class TransformerLayer(nn.Module):
 
     def _layer(self, x: torch.Tensor,
                rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = self._bias_dropout_add(self.attn(self.ln1(x), rotary), self.attn.proj.bias, x)
-        return self._bias_dropout_add(self.mlp(self.ln2(x)), self.mlp.fc2.bias, x)
+        x = self._bias_dropout_add(self.attn(self.ln1(x), rotary), skipped_bias(self.attn.proj),
+                                   x)
+        return self._bias_dropout_add(self.mlp(self.ln2(x)), skipped_bias(self.mlp.fc2), x)
 
 
 class _OnWeights(nn.Module):

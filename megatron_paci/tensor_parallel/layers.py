@@ -147,6 +147,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.group)
+        if self.tp_size == 1:  # nothing to sum: the GEMM adds the bias (addmm)
+            return F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.group)

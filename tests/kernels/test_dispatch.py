@@ -17,6 +17,8 @@ def test_auto_is_torch_on_cpu_with_reason():
     assert {c.backend for c in k.choices.values()} == {"torch"}
     assert "auto: no CUDA device" in k.table()
     assert k.layer_norm is dispatch._TORCH["layer_norm"]
+    # the torch reference adds no bias for free: the linear before it adds its own (addmm)
+    assert not k.fuses_bias("bias_gelu") and not k.fuses_bias("bias_dropout_add")
     # torch's fused AdamW kernel on CPU as well (one pass per parameter)
     assert k.adamw([{"params": [torch.zeros(2)]}], 1e-3, (0.9, 0.95), 1e-8).defaults["fused"]
 
@@ -28,6 +30,8 @@ def test_triton_through_the_interpreter_and_overrides(monkeypatch):
     assert k.choices["cross_entropy"].backend == "torch"
     assert "override" in k.choices["cross_entropy"].why
     assert k.layer_norm.__module__ == "megatron_paci.kernels.triton_norms"
+    assert k.fuses_bias("bias_gelu") and k.fuses_bias("bias_dropout_add")
+    assert not select_kernels("triton", ["bias_gelu=torch"]).fuses_bias("bias_gelu")
 
 
 @pytest.mark.parametrize("backend,overrides,needle", [

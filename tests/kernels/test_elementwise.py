@@ -86,6 +86,18 @@ def test_bias_gelu_multi_block_reduction(monkeypatch, kernel_device):
     _check_bias_gelu(_rand(kernel_device, 37, 45), _rand(kernel_device, 45), FP32)
 
 
+def test_bias_gelu_without_bias_is_gelu(kernel_device):
+    """``bias=None`` (the signature every backend shares) is GeLU of ``x`` alone."""
+    torch.manual_seed(4)
+    x = _rand(kernel_device, 7, 33)
+    xk, xr = _leaf(x), _leaf(x)
+    g = _rand(kernel_device, 7, 33)
+    te.bias_gelu(xk, None).backward(g)
+    torch.nn.functional.gelu(xr, approximate="tanh").backward(g)
+    torch.testing.assert_close(te.bias_gelu(x, None), ref.bias_gelu(x, None), **FP32)
+    torch.testing.assert_close(xk.grad, xr.grad, **FP32)
+
+
 # --------------------------------------------------------------------------- bias + dropout + add
 
 
