@@ -364,6 +364,9 @@ class Run:
     # and backward actions (every chunk's) plus its STEP spread over the M micro-batches.
     # Receives and waits are not in it (the executor times actions after their receive).
     stage_ms: list[float] = field(default_factory=list)
+    # The metrics row's action_ms itself: mean ms of each action kind ("F", "B", "S"),
+    # per stage.
+    action_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def stage_costs(action_ms: dict[str, list[float]], m: int, chunks: int) -> list[float]:
@@ -484,16 +487,18 @@ def run_once(c: Config, s: Shape, m: int, rnd: int, args: argparse.Namespace, da
     tokens = m * s.micro_batch * s.seq
     tps = tokens * (args.iters - w) / (stamps[args.iters] - stamps[w])
     costs: list[float] = []
+    action_ms: dict[str, list[float]] = {}
     if c.side == "project":
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in rows if "peak_rss_mb" in r and "action_ms" in r][-1]
         rss = last["peak_rss_mb"]
         costs = stage_costs(last["action_ms"], m, c.chunks)
+        action_ms = last["action_ms"]
     else:
         rss = [json.loads((run_dir / f"peer.rank{r}.json").read_text())["peak_rss_mb"]
                for r in range(c.procs)]
     return Run(c.name, s.name, m, rnd, tps, stamps[1] - t0, wall, rss,
-               max(0.0, (busy1 - busy0) - (kids1 - kids0)) / wall, costs)
+               max(0.0, (busy1 - busy0) - (kids1 - kids0)) / wall, costs, action_ms)
 
 
 # --------------------------------------------------------------------------------------
@@ -545,6 +550,7 @@ def report(runs: Sequence[Run], args: argparse.Namespace) -> str:
                            "peak RSS MB per stage (mean)", "launch to iteration 1, s (median)",
                            "other load (cores) per round"], rows), ""]
             out += limit_table(runs, shape, m)
+            out += schedule_ratio_table(runs, shape, m)
             out += ab_table(runs, args, shape, m)
             out += side_table(runs, args, shape, m)
     return "\n".join(out)
@@ -631,6 +637,44 @@ def limit_table(runs: Sequence[Run], shape: str, m: int) -> list[str]:
             "then the median).", "",
             table(["config", "stage ms per micro-batch", "limit", "speedup over project_1p",
                    "fraction of limit", "median"], rows), ""]
+
+
+def simulated_window_ms(schedule: str, action_ms: dict[str, list[float]], m: int) -> float:
+    """Steady-state ms per window (iteration) of ``schedule`` with these per-stage action
+    times, by the project's schedule simulator (the executor's own action lists, no p2p
+    cost): the makespan difference between 20 and 10 windows, over 10."""
+    from megatron_paci.pipeline.simulate import Costs, simulate
+
+    costs = [Costs(f, b, step, 0.0) for f, b, step in
+             zip(action_ms["F"], action_ms["B"], action_ms["S"], strict=True)]
+    span = [simulate(schedule, len(costs), m, w, per_stage_costs=costs).makespan
+            for w in (10, 20)]
+    return (span[1] - span[0]) / 10
+
+
+def schedule_ratio_table(runs: Sequence[Run], shape: str, m: int) -> list[str]:
+    """PACI / flush as measured beside what their measured action times allow: (M+1)/M
+    holds for equal stages only; with unequal ones the flush's bubble is smaller."""
+    from bench_schedules import pair, table
+
+    flush = per_round(runs, shape, m, "project_flush")
+    paci = per_round(runs, shape, m, "project_paci")
+    rounds = [k for k in sorted(paci) if k in flush and paci[k].action_ms
+              and flush[k].action_ms]
+    if not rounds:
+        return []
+    measured = [paci[k].tokens_per_s / flush[k].tokens_per_s for k in rounds]
+    allowed = [simulated_window_ms("1f1b_flush", flush[k].action_ms, m)
+               / simulated_window_ms("paci", paci[k].action_ms, m) for k in rounds]
+    reached = [x / a for x, a in zip(measured, allowed, strict=True)]
+    row = [pair(measured), pair(allowed), f"{(m + 1) / m:.2f}", pair(reached),
+           f"**{statistics.median(reached):.0%}**"]
+    return ["PACI / flush against what the stage costs allow: the steady-state window time "
+            "of each schedule simulated (megatron_paci.pipeline.simulate) with its own run's "
+            "F, B and STEP times per stage, per round; (M+1)/M is the same for equal "
+            "stages.", "",
+            table(["project_paci / project_flush per round", "allowed by the stage costs",
+                   "(M+1)/M", "measured / allowed", "median"], [row]), ""]
 
 
 def describe_configs(names: Sequence[str]) -> str:

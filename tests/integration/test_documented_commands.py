@@ -142,6 +142,7 @@ RULES: list[tuple[str, Rule]] = [
     ("python3 scripts/bench_ckpt_save.py", skip("minutes of save benchmarking on an idle "
                                                 "machine; its numbers are in "
                                                 "docs/benchmarks.md")),
+    ("python3 scripts/trace_stages.py", run("--iters", "6", expect="| 1 |", timeout=240)),
     ("bash scripts/bench_schedules.sh", skip("minutes of wall-clock benchmarking on an idle "
                                              "machine; its numbers are in docs/benchmarks.md")),
     ("python3 -m pytest -m soak", skip("long soak: run by hand, result recorded in "

@@ -126,6 +126,28 @@ def test_limit_is_total_stage_cost_over_the_slowest_and_reached_is_per_round(ben
     assert "| project_1p (whole model, for reference) | 20.00 / 18.00 | - |" in text
 
 
+def test_paci_over_flush_is_set_against_what_the_stage_costs_allow(bench):
+    # Worked by hand, P=2, M=2, no STEP cost. Equal stages (F=1, B=2): the flush's window
+    # is F1 F2 on stage 0, stage 1's F1 B1, then B1 B2 on stage 0 behind stage 1's F2 B2:
+    # (M + P - 1) * 3 = 9; PACI's steady window is M * 3 = 6.
+    equal = {"F": [1.0, 1.0], "B": [2.0, 2.0], "S": [0.0, 0.0]}
+    assert bench.simulated_window_ms("1f1b_flush", equal, 2) == pytest.approx(9.0)
+    assert bench.simulated_window_ms("paci", equal, 2) == pytest.approx(6.0)
+    # Stage 0 twice as slow (F=2, B=4): stage 0 runs F1 [0,2] F2 [2,4], waits for stage 1's
+    # B1 (ends at 5), B1 [5,9], B2 [9,13]: 13; PACI is bound by stage 0's 6 per
+    # micro-batch: 12. So 13/12, far below (M+1)/M = 1.5.
+    unequal = {"F": [2.0, 1.0], "B": [4.0, 2.0], "S": [0.0, 0.0]}
+    assert bench.simulated_window_ms("1f1b_flush", unequal, 2) == pytest.approx(13.0)
+    assert bench.simulated_window_ms("paci", unequal, 2) == pytest.approx(12.0)
+    Run = bench.Run
+    runs = [Run("project_flush", "small", 2, 1, 100.0, 1.0, 2.0, [1.0, 1.0], 0.0, [6.0, 3.0],
+                unequal),
+            Run("project_paci", "small", 2, 1, 104.0, 1.0, 2.0, [1.0, 1.0], 0.0, [6.0, 3.0],
+                unequal)]
+    text = "\n".join(bench.schedule_ratio_table(runs, "small", 2))
+    assert "| 1.04 | 1.08 | 1.50 | 0.96 | **96%** |" in text
+
+
 def test_ab_variant_runs_after_its_base_and_is_reported_per_round(bench, capsys):
     args = bench.parse(["--quick", "--dry-run", "--configs", "peer_1f1b", "project_paci",
                         "--ab", "data.prefetch=0"])
