@@ -158,6 +158,9 @@ RULES: list[tuple[str, Rule]] = [
     # The whole comparison takes minutes and --quick still two torchrun launches per side
     # (about a minute): the documented commands run with --dry-run (every launch line
     # printed, nothing trained); tests/unit/test_bench_peer.py runs the pieces.
+    # --ab-only starts no training process: its dry run names the in-process timings
+    ("bash scripts/bench_peer.sh --profile --ab-only",
+     run("--dry-run", expect="direct one-process A/B timings")),
     ("bash scripts/bench_peer.sh", run("--dry-run", expect="pretrain_gpt.py")),
 ]
 
