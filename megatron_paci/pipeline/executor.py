@@ -169,7 +169,10 @@ class PipelineExecutor:
             raise PipelineError(f"stage {self.stage}: sending shape {tuple(tensor.shape)}, "
                                 f"expected the agreed {self.shape}")
         me = self.pstate.rank
-        work = comm.send(tensor, peer, self.pstate.p2p_group(me, peer), "pp")
+        try:
+            work = comm.send(tensor, peer, self.pstate.p2p_group(me, peer), "pp")
+        except Exception as e:  # gloo refuses at once when the peer's connection is gone
+            raise self._send_error(e, peer) from e
         self._keep_until_sent(work, tensor, peer)
 
     # --- virtual stages ------------------------------------------------------
@@ -201,23 +204,31 @@ class PipelineExecutor:
         step = {"F": 1, "B": -1}.get(action.kind)
         return None if step is None else self._rank_of(self._virtual(action.chunk) + step)
 
-    def _post_recv(self, peer: int) -> tuple[torch.Tensor, Any]:
+    def _post_recv(self, peer: int, action: Action) -> tuple[torch.Tensor, Any]:
         buf = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        return buf, comm.recv(buf, peer, self.pstate.p2p_group(peer, self.pstate.rank), "pp")
+        try:
+            work = comm.recv(buf, peer, self.pstate.p2p_group(peer, self.pstate.rank), "pp")
+        except Exception as e:  # gloo refuses at once when the peer's connection is gone
+            raise self._peer_error(e, peer, f"was posting the receive for {action}") from e
+        return buf, work
+
+    def _peer_error(self, error: Exception, peer: int, doing: str) -> PipelineError:
+        """A failed receive, named by the stage and rank it was from, with what the
+        liveness records say of that rank."""
+        peers = liveness.explain([peer])
+        return PipelineError(
+            f"stage {self.stage} (rank {self.pstate.rank}) {doing} from stage "
+            f"{self.ranks.index(peer)} (rank {peer}): {comm.short_error(error)}"
+            + (f"; {peers}" if peers else ""))
 
     def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
+        posted = self._posted.pop(self._pos, None) if self._pos is not None else None
+        buf, work = posted if posted is not None else self._post_recv(peer, action)
         try:
-            posted = self._posted.pop(self._pos, None) if self._pos is not None else None
-            buf, work = posted if posted is not None else self._post_recv(peer)
             comm.wait_recv(work, peer)
         except Exception as e:  # gloo: peer closed or timed out
-            peer_stage = self.ranks.index(peer)
-            first = comm.short_error(e)
-            peers = liveness.explain([peer])
-            raise PipelineError(
-                f"stage {self.stage} (rank {self.pstate.rank}) was running {action} and waiting "
-                f"for {what} from stage {peer_stage} (rank {peer}): {first}"
-                + (f"; {peers}" if peers else "")) from e
+            raise self._peer_error(e, peer, f"was running {action} and waiting for "
+                                            f"{what}") from e
         return buf
 
     def _keep_until_sent(self, work: Any, tensor: torch.Tensor, peer: int) -> None:
@@ -247,11 +258,14 @@ class PipelineExecutor:
         try:
             work.wait()
         except Exception as e:  # gloo: peer closed or timed out
-            peers = liveness.explain([peer])
-            raise PipelineError(
-                f"stage {self.stage} (rank {self.pstate.rank}): a send to stage "
-                f"{self.ranks.index(peer)} (rank {peer}) failed: {comm.short_error(e)}"
-                + (f"; {peers}" if peers else "")) from e
+            raise self._send_error(e, peer) from e
+
+    def _send_error(self, error: Exception, peer: int) -> PipelineError:
+        peers = liveness.explain([peer])
+        return PipelineError(
+            f"stage {self.stage} (rank {self.pstate.rank}): a send to stage "
+            f"{self.ranks.index(peer)} (rank {peer}) failed: {comm.short_error(error)}"
+            + (f"; {peers}" if peers else ""))
 
     def _drain_sends(self) -> None:
         for work, _, peer in self._pending_sends:
@@ -414,7 +428,7 @@ class PipelineExecutor:
         for pos, action in enumerate(actions):
             liveness.set_operation(action)
             for i in plan[pos]:
-                self._posted[i] = self._post_recv(peers[i])
+                self._posted[i] = self._post_recv(peers[i], actions[i])
             self._pos = pos
             if action.kind == "F":
                 self._forward(action, batches, in_flight, losses, scale)

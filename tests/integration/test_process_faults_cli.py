@@ -19,7 +19,10 @@ def test_torchrun_a_dead_rank_is_named_and_the_relaunch_resumes(text_dataset, tm
     assert r.returncode != 0
     errors = [x for x in r.stderr.splitlines() if "error: rank 0 " in x]
     assert len(errors) == 1, r.stderr[-3000:]
-    assert re.search(r"from stage 1 \(rank 1\): .*(Connection|closed|reset)", errors[0]), errors
+    # Whichever point-to-point op meets the dead connection first names the peer: a
+    # receive ("from stage 1 (rank 1): ...") or a send ("to stage 1 (rank 1) failed: ...").
+    assert re.search(r"(from|to) stage 1 \(rank 1\)( failed)?: .*(Connection|closed|reset)",
+                     errors[0]), errors
     again = run_cli(cmd, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "iter_0000002" in again.stdout
