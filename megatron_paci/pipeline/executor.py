@@ -172,7 +172,7 @@ class PipelineExecutor:
         try:
             work = comm.send(tensor, peer, self.pstate.p2p_group(me, peer), "pp")
         except Exception as e:  # gloo refuses at once when the peer's connection is gone
-            raise self._send_error(e, peer) from e
+            raise self._send_failed(e, peer) from e
         self._keep_until_sent(work, tensor, peer)
 
     # --- virtual stages ------------------------------------------------------
@@ -209,17 +209,27 @@ class PipelineExecutor:
         try:
             work = comm.recv(buf, peer, self.pstate.p2p_group(peer, self.pstate.rank), "pp")
         except Exception as e:  # gloo refuses at once when the peer's connection is gone
-            raise self._peer_error(e, peer, f"was posting the receive for {action}") from e
+            raise self._peer_error(e, peer, f"{self._me()} was posting the receive for "
+                                            f"{action} from {self._name(peer)}") from e
         return buf, work
 
-    def _peer_error(self, error: Exception, peer: int, doing: str) -> PipelineError:
-        """A failed receive, named by the stage and rank it was from, with what the
-        liveness records say of that rank."""
+    def _me(self) -> str:
+        return f"stage {self.stage} (rank {self.pstate.rank})"
+
+    def _name(self, peer: int) -> str:
+        return f"stage {self.ranks.index(peer)} (rank {peer})"
+
+    def _peer_error(self, error: Exception, peer: int, what: str) -> PipelineError:
+        """A failed send or receive: ``what`` (naming the peer), gloo's first line, and what
+        the liveness records say of that peer."""
         peers = liveness.explain([peer])
-        return PipelineError(
-            f"stage {self.stage} (rank {self.pstate.rank}) {doing} from stage "
-            f"{self.ranks.index(peer)} (rank {peer}): {comm.short_error(error)}"
-            + (f"; {peers}" if peers else ""))
+        return PipelineError(f"{what}: {comm.short_error(error)}"
+                             + (f"; {peers}" if peers else ""))
+
+    def _send_failed(self, error: Exception, peer: int) -> PipelineError:
+        """Posted or waited for, a failed send reads the same."""
+        return self._peer_error(error, peer, f"{self._me()}: a send to {self._name(peer)} "
+                                             "failed")
 
     def _recv(self, peer: int, what: str, action: Action) -> torch.Tensor:
         posted = self._posted.pop(self._pos, None) if self._pos is not None else None
@@ -227,8 +237,8 @@ class PipelineExecutor:
         try:
             comm.wait_recv(work, peer)
         except Exception as e:  # gloo: peer closed or timed out
-            raise self._peer_error(e, peer, f"was running {action} and waiting for "
-                                            f"{what}") from e
+            raise self._peer_error(e, peer, f"{self._me()} was running {action} and waiting "
+                                            f"for {what} from {self._name(peer)}") from e
         return buf
 
     def _keep_until_sent(self, work: Any, tensor: torch.Tensor, peer: int) -> None:
@@ -258,14 +268,7 @@ class PipelineExecutor:
         try:
             work.wait()
         except Exception as e:  # gloo: peer closed or timed out
-            raise self._send_error(e, peer) from e
-
-    def _send_error(self, error: Exception, peer: int) -> PipelineError:
-        peers = liveness.explain([peer])
-        return PipelineError(
-            f"stage {self.stage} (rank {self.pstate.rank}): a send to stage "
-            f"{self.ranks.index(peer)} (rank {peer}) failed: {comm.short_error(error)}"
-            + (f"; {peers}" if peers else ""))
+            raise self._send_failed(e, peer) from e
 
     def _drain_sends(self) -> None:
         for work, _, peer in self._pending_sends:

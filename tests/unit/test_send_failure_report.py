@@ -23,9 +23,17 @@ class Report:
         return f"rank {ranks[0]} stopped beating 12 s ago (dead or frozen)"
 
 
+def _stage(stage: int, rank: int, ranks: list[int]) -> PipelineExecutor:
+    """Just what the point-to-point methods read: the stage, its rank, the pipeline's
+    ranks, the agreed [2, 3] fp32 buffer on the CPU."""
+    ex = PipelineExecutor.__new__(PipelineExecutor)
+    ex.stage, ex.ranks, ex.shape, ex.device = stage, ranks, (2, 3), "cpu"
+    ex.pstate = SimpleNamespace(rank=rank, p2p_group=lambda src, dst: None)
+    return ex
+
+
 def test_failed_send_names_peer_and_its_liveness(monkeypatch):
-    stage1 = PipelineExecutor.__new__(PipelineExecutor)
-    stage1.stage, stage1.pstate, stage1.ranks = 1, SimpleNamespace(rank=3), [1, 3, 5]
+    stage1 = _stage(1, 3, [1, 3, 5])
     with pytest.raises(PipelineError) as e:
         stage1._wait_send(FailedSend(), 5)
     assert str(e.value) == ("stage 1 (rank 3): a send to stage 2 (rank 5) failed: Connection "
@@ -43,9 +51,7 @@ def test_a_receive_refused_when_posted_names_peer_and_its_liveness(monkeypatch):
 
     monkeypatch.setattr(comm, "recv", refuse)
     monkeypatch.setattr(liveness, "_CURRENT", Report())
-    stage0 = PipelineExecutor.__new__(PipelineExecutor)
-    stage0.stage, stage0.ranks, stage0.shape, stage0.device = 0, [0, 1], (2, 3), "cpu"
-    stage0.pstate = SimpleNamespace(rank=0, p2p_group=lambda src, dst: None)
+    stage0 = _stage(0, 0, [0, 1])
     with pytest.raises(PipelineError) as e:
         stage0._post_recv(1, Action("B", 3))
     assert str(e.value) == ("stage 0 (rank 0) was posting the receive for B3 from stage 1 "
@@ -58,9 +64,7 @@ def test_a_send_refused_when_posted_names_peer(monkeypatch):
         raise FailedSend().wait()
 
     monkeypatch.setattr(comm, "send", refuse)
-    stage0 = PipelineExecutor.__new__(PipelineExecutor)
-    stage0.stage, stage0.ranks, stage0.shape = 0, [0, 1], (2, 3)
-    stage0.pstate = SimpleNamespace(rank=0, p2p_group=lambda src, dst: None)
+    stage0 = _stage(0, 0, [0, 1])
     with pytest.raises(PipelineError) as e:
         stage0._send(torch.zeros(2, 3), 1)
     assert str(e.value) == ("stage 0 (rank 0): a send to stage 1 (rank 1) failed: Connection "
